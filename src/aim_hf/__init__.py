@@ -1,0 +1,11 @@
+"""aim-hf: AiM, the Mamba-based autoregressive image generator, for transformers and diffusers."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_aim import PRESETS, AiMConfig
+from .modeling_aim import AiMForImageGeneration, AiMModel, AiMPreTrainedModel
+
+AutoConfig.register("aim", AiMConfig)
+AutoModel.register(AiMConfig, AiMForImageGeneration)
+
+__all__ = ["PRESETS", "AiMConfig", "AiMForImageGeneration", "AiMModel", "AiMPreTrainedModel"]

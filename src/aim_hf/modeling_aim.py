@@ -1,0 +1,379 @@
+"""AiM: a class-conditional Mamba2 stack with adaLN-group that predicts VQ codes one at a time."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_aim import AiMConfig
+from .mamba2 import GatedRMSNorm, Mamba2Mixer, compute_dtype
+from .sampling import check_sampling_args, draw_uniforms, filter_logits, guide, sample_inverse_cdf
+
+
+@dataclass
+class AiMOutput(ModelOutput):
+    """``loss`` (cross-entropy against ``labels``) and ``logits`` (batch, length, vocab_size)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class AiMRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(compute_dtype(x.dtype))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.to(x.dtype)).to(self.weight.dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``x * (1 + scale) + shift`` with (batch, d) parameters for (batch, [length,] d) x."""
+    if x.dim() == 3:
+        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
+    return x * (1 + scale) + shift
+
+
+class AiMCache:
+    """The recurrent state of every layer for one batch, allocated once for a whole generation."""
+
+    def __init__(self, config: AiMConfig, batch_size: int, dtype: torch.dtype, device: torch.device | str):
+        mixer_conv_dim = config.intermediate_size + 2 * config.n_groups * config.state_size
+        state_dtype = getattr(torch, config.state_dtype)
+        if dtype == torch.float64:  # references in float64 keep their state in float64
+            state_dtype = torch.float64
+        n = config.num_hidden_layers
+        self.conv_states = torch.zeros(
+            n, batch_size, mixer_conv_dim, config.conv_kernel, dtype=dtype, device=device
+        )
+        self.ssm_states = torch.zeros(
+            n,
+            batch_size,
+            config.num_heads,
+            config.head_dim,
+            config.state_size,
+            dtype=state_dtype,
+            device=device,
+        )
+
+
+class AiMBlock(GradientCheckpointingLayer):
+    """Residual add, RMSNorm, adaLN modulation, Mamba2 mixer, gate."""
+
+    def __init__(self, config: AiMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.norm = AiMRMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.mixer = Mamba2Mixer(config)
+        if config.has_layer_tables:
+            self.adaln_table = nn.Parameter(torch.zeros(1, 3, config.hidden_size))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+        modulation: torch.Tensor,
+        conv_state: torch.Tensor | None = None,
+        ssm_state: torch.Tensor | None = None,
+        step: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``modulation`` (batch, 3, d) is this layer's adaLN group; ``step`` decodes one token."""
+        residual_dtype = compute_dtype(self.norm.weight.dtype)  # the residual stream stays in float32
+        residual = hidden_states.to(residual_dtype) if residual is None else residual + hidden_states
+        if hasattr(self, "adaln_table"):
+            modulation = modulation + self.adaln_table
+        shift, scale, gate = modulation.unbind(1)
+        hidden_states = modulate(self.norm(residual), shift, scale)
+        if step:
+            hidden_states = self.mixer.step(hidden_states, conv_state, ssm_state)
+        else:
+            hidden_states = self.mixer(hidden_states, conv_state, ssm_state)
+        gate = gate.unsqueeze(1) if hidden_states.dim() == 3 else gate
+        return gate * hidden_states, residual
+
+
+class AiMPreTrainedModel(PreTrainedModel):
+    config_class = AiMConfig
+    config: AiMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AiMBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, AiMModel):
+            # adaLN starts at zero modulation (DiT): every block begins as identity
+            init.zeros_(module.adaln.weight)
+            init.zeros_(module.adaln.bias)
+            init.zeros_(module.final_adaln.weight)
+            init.zeros_(module.final_adaln.bias)
+        elif isinstance(module, Mamba2Mixer):
+            # Mamba2's initialisation: dt log-uniform in [1e-3, 1e-1], A in [1, 16], D = 1
+            h = module.num_heads
+            dt = torch.exp(torch.rand(h) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+            init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            init.copy_(module.A_log, torch.log(torch.empty(h).uniform_(1, 16)))
+            init.ones_(module.D)
+            init.normal_(module.in_proj.weight, std=std)
+            init.normal_(module.out_proj.weight, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            if module.conv1d.bias is not None:
+                init.zeros_(module.conv1d.bias)
+        elif isinstance(module, AiMBlock) and hasattr(module, "adaln_table"):
+            init.normal_(module.adaln_table, std=1 / math.sqrt(self.config.hidden_size))
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=std)
+        elif isinstance(module, (AiMRMSNorm, GatedRMSNorm)):
+            init.ones_(module.weight)
+
+
+class AiMModel(AiMPreTrainedModel):
+    """The Mamba2 stack: embeddings, class conditioning, blocks and the final adaLN layer."""
+
+    def __init__(self, config: AiMConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.embed_positions = nn.Embedding(config.num_tokens + 1, d)
+        self.embed_classes = nn.Embedding(config.num_classes + 1, d)  # the last row is the null class
+        self.adaln = nn.Linear(d, config.adaln_groups * 3 * d)
+        self.layers = nn.ModuleList(AiMBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm_f = AiMRMSNorm(d, config.layer_norm_epsilon)
+        self.final_norm = AiMRMSNorm(d, config.layer_norm_epsilon)
+        self.final_adaln = nn.Linear(d, 2 * d)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def condition(self, class_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class embedding (b, d), adaLN groups (b, G, 3, d) and final (shift, scale) (b, 2, d)."""
+        c = self.embed_classes(class_labels)
+        groups = self.adaln(F.silu(c)).unflatten(-1, (self.config.adaln_groups, 3, -1))
+        final = self.final_adaln(F.silu(c)).unflatten(-1, (2, -1))
+        return c, groups, final
+
+    def decode_positions(self, start: int, length: int, device: torch.device) -> torch.Tensor:
+        """Position ids of codes start..start+length-1 in decoding: those of training, or shifted by
+        one as in the original's decoding (``config.original_decode_positions``)."""
+        offset = int(self.config.original_decode_positions)
+        return torch.arange(start + offset, start + offset + length, device=device)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        class_labels: torch.Tensor,
+        cache: AiMCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (b, 1 + m, d) for the class token followed by ``tokens`` (b, m).
+
+        With a ``cache`` the recurrent states after the last position are written into it.
+        ``positions`` are those of ``tokens`` (default ``0..m-1``, training's convention)."""
+        c, groups, final = self.condition(class_labels)
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        embedded = self.embed_tokens(tokens) + self.embed_positions(positions)
+        hidden_states = torch.cat([c.unsqueeze(1), embedded], dim=1)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            states = (cache.conv_states[i], cache.ssm_states[i]) if cache is not None else (None, None)
+            hidden_states, residual = layer(
+                hidden_states, residual, groups[:, i % self.config.adaln_groups], *states
+            )
+        return self.finish(hidden_states, residual, final)
+
+    def finish(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor, final: torch.Tensor
+    ) -> torch.Tensor:
+        h = self.norm_f(residual + hidden_states)
+        shift, scale = final.unbind(1)
+        return modulate(self.final_norm(h), shift, scale)
+
+    def step(
+        self,
+        token: torch.Tensor,
+        position: torch.Tensor,
+        groups: torch.Tensor,
+        final: torch.Tensor,
+        cache: AiMCache,
+    ) -> torch.Tensor:
+        """One decoding step: ``token`` (b,) at ``position`` -> hidden state (b, d)."""
+        hidden_states = self.embed_tokens(token) + self.embed_positions(position)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            hidden_states, residual = layer(
+                hidden_states, residual, groups[:, i % self.config.adaln_groups],
+                cache.conv_states[i], cache.ssm_states[i], step=True,
+            )  # fmt: skip
+        return self.finish(hidden_states, residual, final)
+
+
+class AiMForImageGeneration(AiMPreTrainedModel):
+    """AiM with its output head (tied to the code embedding): teacher-forced training and generation.
+
+    ``forward(input_ids, class_labels, labels)`` predicts every code of ``input_ids`` (b, T) from the
+    class and the codes before it, so ``transformers.Trainer`` trains it as it is.
+    ``generate(class_labels, ...)`` samples new images' codes.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: AiMConfig):
+        super().__init__(config)
+        self.model = AiMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        class_labels: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+    ) -> AiMOutput | tuple:
+        """Teacher forcing: position 0 (the class) predicts code 0, position t code t.
+
+        In training, each label is replaced by the null class with probability
+        ``config.class_dropout_prob``, which teaches the unconditional model used for guidance."""
+        self.check_codes(input_ids, "input_ids", max_length=self.config.num_tokens)
+        class_labels = self.check_labels(class_labels, input_ids.shape[0]).to(input_ids.device)
+        if self.training and self.config.class_dropout_prob > 0:
+            drop = torch.rand(class_labels.shape, device=class_labels.device) < self.config.class_dropout_prob
+            class_labels = class_labels.masked_fill(drop, self.config.null_class)
+        hidden_states = self.model(input_ids[:, :-1], class_labels)
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits.to(compute_dtype(logits.dtype)).flatten(0, 1), labels.flatten().to(logits.device)
+            )
+        if return_dict is False:
+            return (loss, logits) if loss is not None else (logits,)
+        return AiMOutput(loss=loss, logits=logits)
+
+    # ---- input checks ----
+    def check_codes(self, codes: torch.Tensor, name: str, max_length: int) -> None:
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype.is_floating_point:
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ValueError(f"{name} must be an integer tensor of shape (batch, length), got {shape}")
+        if codes.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch")
+        if codes.shape[1] > max_length:
+            raise ValueError(f"{name} has {codes.shape[1]} codes per image; at most {max_length} allowed")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.vocab_size):
+            bad = codes[(codes < 0) | (codes >= self.config.vocab_size)][0].item()
+            raise ValueError(f"{name} holds code {bad}, outside the codebook [0, {self.config.vocab_size})")
+
+    def check_labels(
+        self, class_labels: int | Sequence[int] | torch.Tensor, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """Class labels as a 1-D long tensor, each in [0, num_classes) (the null class is allowed in
+        teacher forcing, where label dropout produces it)."""
+        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels)
+        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(
+                f"class_labels must be integers, got dtype {labels.dtype} and shape {tuple(labels.shape)}"
+            )
+        if labels.numel() == 0:
+            raise ValueError("class_labels is empty: at least one image must be asked for")
+        allowed = self.config.num_classes + (1 if batch_size is not None else 0)
+        if labels.min() < 0 or labels.max() >= allowed:
+            bad = labels[(labels < 0) | (labels >= allowed)][0].item()
+            raise ValueError(f"class label {bad} is outside [0, {allowed})")
+        if batch_size is not None and labels.numel() != batch_size:
+            raise ValueError(f"got {labels.numel()} class labels for a batch of {batch_size}")
+        return labels.long()
+
+    # ---- generation ----
+    @torch.no_grad()
+    def generate(
+        self,
+        class_labels: int | Sequence[int] | torch.Tensor,
+        guidance_scale: float | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prefix: torch.Tensor | None = None,
+        callback: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Sample the codes (b, num_tokens) of one image per class label.
+
+        guidance_scale: classifier-free guidance on logits, ``uncond + s * (cond - uncond)``;
+            1 skips the unconditional half. Defaults to ``config.default_guidance_scale``.
+        temperature, top_k (0 = off, 1 = greedy), top_p (1 = off): sampling filters.
+        generator: a torch.Generator, or one per image so that an image does not depend on the
+            rest of the batch.
+        prefix: (b, k) codes to continue (e.g. the top rows of an encoded image).
+        callback: called with the index of each code after it is sampled (progress bars).
+        """
+        config = self.config
+        guidance_scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
+        check_sampling_args(guidance_scale, temperature, top_k, top_p, config.vocab_size)
+        labels = self.check_labels(class_labels)
+        batch = labels.numel()
+        device = self.device
+        labels = labels.to(device)
+        if prefix is None:
+            prefix = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        self.check_codes(prefix, "prefix", max_length=config.num_tokens)
+        if prefix.shape[0] != batch:
+            raise ValueError(f"prefix has {prefix.shape[0]} rows for {batch} class labels")
+        prefix = prefix.to(device=device, dtype=torch.long)
+        start = prefix.shape[1]
+        uniforms = draw_uniforms(generator, batch, config.num_tokens - start, device)
+        if start == config.num_tokens:
+            return prefix
+
+        guided = guidance_scale != 1.0
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, config.null_class)])
+            prefix = prefix.repeat(2, 1)
+        cache = AiMCache(config, labels.numel(), self.dtype, device)
+        was_training = self.training
+        self.eval()
+        try:
+            # one pass over the class token and the prefix fills the cache
+            hidden = self.model(
+                prefix, labels, cache=cache, positions=self.model.decode_positions(0, start, device)
+            )
+            logits = self.lm_head(hidden[:, -1].to(self.lm_head.weight.dtype))
+            _, groups, final = self.model.condition(labels)
+            codes = [prefix[:batch]]
+            for t in range(start, config.num_tokens):
+                step_logits = (
+                    guide(logits, guidance_scale) if guided else logits.to(compute_dtype(logits.dtype))
+                )
+                step_logits = filter_logits(step_logits, temperature, top_k, top_p)
+                token = sample_inverse_cdf(step_logits, uniforms[:, t - start])
+                codes.append(token[:, None])
+                if callback is not None:
+                    callback(t)
+                if t + 1 < config.num_tokens:
+                    token = token.repeat(2) if guided else token
+                    position = self.model.decode_positions(t, 1, device).expand(token.shape[0])
+                    hidden = self.model.step(token, position, groups, final, cache)
+                    logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        finally:
+            self.train(was_training)
+        return torch.cat(codes, dim=1)

@@ -1,0 +1,83 @@
+"""Sampling of codes from logits: guidance, temperature, top-k, top-p and inverse-CDF draws.
+
+Draws use uniforms supplied by the caller, so that each image can take its randomness from its
+own generator and does not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_sampling_args(
+    guidance_scale: float, temperature: float, top_k: int, top_p: float, vocab_size: int
+) -> None:
+    """Raise a ValueError naming the first bad sampling setting and its allowed range."""
+    if (
+        not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 0
+    ):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be an integer in [0, {vocab_size}] (0 disables it), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+
+
+def guide(logits: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: the batch is [conditional; unconditional]."""
+    cond, uncond = logits.to(torch.promote_types(logits.dtype, torch.float32)).chunk(2)
+    return uncond + (cond - uncond) * guidance_scale
+
+
+def filter_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the smallest set of most likely codes whose mass
+    reaches top_p, never empty); filtered-out codes get -inf."""
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        remove_sorted = probs.cumsum(-1) - probs >= top_p  # mass of the more likely codes
+        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, -math.inf)
+    return logits
+
+
+def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One code per row: the first code whose cumulative probability exceeds the row's uniform.
+
+    Computed in float64 so that ``u * total`` never reaches the total and a zero-probability
+    code is never chosen."""
+    probs = logits.double().softmax(-1)
+    cdf = probs.cumsum(-1)
+    target = uniforms.double().unsqueeze(-1) * cdf[..., -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+def draw_uniforms(
+    generator: torch.Generator | list[torch.Generator] | None,
+    batch_size: int,
+    steps: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Uniforms (batch, steps) in [0, 1): one row per image from its own generator when a list is
+    given (as in diffusers), so that an image is the same whatever else is in the batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch_size:
+            raise ValueError(f"got a list of {len(generator)} generators for a batch of {batch_size} images")
+        rows = [torch.rand(steps, generator=g, device=g.device, dtype=torch.float64) for g in generator]
+        return torch.stack(rows).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(batch_size, steps, generator=generator, device=gen_device, dtype=torch.float64).to(
+        device
+    )

@@ -1,0 +1,268 @@
+"""LlamaGen's VQ-f16 image tokenizer, run as a diffusers ``VQModel``.
+
+AiM predicts the codes of LlamaGen's VQ tokenizer. Its architecture is exactly a diffusers
+``VQModel`` (SPEC section 6), so instead of re-implementing it we convert the original weights
+into that class and keep the diffusers save/load machinery. Two details make the conversion
+exact: the original l2-normalises its codebook at every lookup, so the normalised codebook is
+stored once; and it searches the nearest code by cosine, which for unit codes picks the same
+index as diffusers' Euclidean search on the raw latent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import VQModel
+from torch import Tensor
+
+__all__ = [
+    "convert_llamagen_vq_state_dict",
+    "decode_codes",
+    "encode_images",
+    "images_to_uint8",
+    "llamagen_vq_config",
+    "load_llamagen_vq",
+]
+
+_PREFIX = "vqvae."
+
+# Original LlamaGen key -> diffusers VQModel key, one rule per module kind. The groups keep
+# the encoder/decoder side, block and layer numbers; the last group is the parameter name.
+_BLOCK_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^(encoder|decoder)\.conv_in\.(weight|bias)$"), r"\1.conv_in.\2"),
+    (re.compile(r"^(encoder|decoder)\.conv_out\.(weight|bias)$"), r"\1.conv_out.\2"),
+    (re.compile(r"^(encoder|decoder)\.norm_out\.(weight|bias)$"), r"\1.conv_norm_out.\2"),
+    (
+        re.compile(r"^encoder\.conv_blocks\.(\d+)\.downsample\.conv\.(weight|bias)$"),
+        r"encoder.down_blocks.\1.downsamplers.0.conv.\2",
+    ),
+    (
+        re.compile(r"^decoder\.conv_blocks\.(\d+)\.upsample\.conv\.(weight|bias)$"),
+        r"decoder.up_blocks.\1.upsamplers.0.conv.\2",
+    ),
+    (re.compile(r"^(quant_conv|post_quant_conv)\.(weight|bias)$"), r"\1.\2"),
+]
+
+# Resnet and attention blocks: original container path -> diffusers container path.
+_CONTAINER_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^encoder\.conv_blocks\.(\d+)\.res\.(\d+)$"), r"encoder.down_blocks.\1.resnets.\2"),
+    (re.compile(r"^encoder\.conv_blocks\.(\d+)\.attn\.(\d+)$"), r"encoder.down_blocks.\1.attentions.\2"),
+    (re.compile(r"^decoder\.conv_blocks\.(\d+)\.res\.(\d+)$"), r"decoder.up_blocks.\1.resnets.\2"),
+    (re.compile(r"^decoder\.conv_blocks\.(\d+)\.attn\.(\d+)$"), r"decoder.up_blocks.\1.attentions.\2"),
+    (re.compile(r"^(encoder|decoder)\.mid\.0$"), r"\1.mid_block.resnets.0"),
+    (re.compile(r"^(encoder|decoder)\.mid\.1$"), r"\1.mid_block.attentions.0"),
+    (re.compile(r"^(encoder|decoder)\.mid\.2$"), r"\1.mid_block.resnets.1"),
+]
+
+_RESNET_LAYERS = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "nin_shortcut": "conv_shortcut",
+}
+# Attention projections are 1x1 convolutions in the original and Linear layers in diffusers.
+_ATTENTION_LAYERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def llamagen_vq_config(**overrides: Any) -> dict[str, Any]:
+    """``VQModel`` keyword arguments of LlamaGen's VQ-f16 (16x16 codes for 256x256 images).
+
+    Overrides replace single entries, e.g. smaller ``block_out_channels`` for tests.
+    """
+    config: dict[str, Any] = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
+        "up_block_types": ("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (128, 128, 256, 256, 512),
+        "layers_per_block": 2,
+        "act_fn": "silu",
+        "latent_channels": 256,
+        "num_vq_embeddings": 16384,
+        "vq_embed_dim": 8,
+        "norm_num_groups": 32,
+        "norm_type": "group",
+        "mid_block_add_attention": True,
+        "lookup_from_codebook": True,
+        "sample_size": 256,
+    }
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise ValueError(f"unknown VQ config keys {sorted(unknown)}; known keys: {sorted(config)}")
+    config.update(overrides)
+    return config
+
+
+def _convert_key(key: str) -> tuple[str, bool] | None:
+    """The diffusers name of one original key and whether it is a 1x1-conv attention projection
+    (a Linear in diffusers); None if the key is not a LlamaGen VQ key."""
+    for pattern, replacement in _BLOCK_RULES:
+        if pattern.match(key):
+            return pattern.sub(replacement, key), False
+    container, _, param = key.rpartition(".")
+    container, _, layer = container.rpartition(".")
+    if param not in ("weight", "bias"):
+        return None
+    for pattern, replacement in _CONTAINER_RULES:
+        if pattern.match(container):
+            new_container = pattern.sub(replacement, container)
+            is_attention = ".attentions." in new_container
+            layers = _ATTENTION_LAYERS if is_attention else _RESNET_LAYERS
+            if layer not in layers:
+                return None
+            return f"{new_container}.{layers[layer]}.{param}", is_attention and layer != "norm"
+    return None
+
+
+def _expected_shapes(config: dict[str, Any]) -> dict[str, torch.Size]:
+    """Parameter shapes of a ``VQModel`` with this config, built without allocating memory."""
+    with torch.device("meta"):
+        model = VQModel(**config)
+    return {name: tensor.shape for name, tensor in model.state_dict().items()}
+
+
+def convert_llamagen_vq_state_dict(
+    state_dict: dict[str, Tensor], config: dict[str, Any] | None = None
+) -> dict[str, Tensor]:
+    """Rename, reshape and normalise an original LlamaGen VQ state dict for diffusers' ``VQModel``.
+
+    Keys may carry a "vqvae." prefix (AiM's combined checkpoints store the tokenizer that way);
+    when any key does, only those keys are taken, so a whole AiM state dict can be passed.
+    ``config`` (``VQModel`` kwargs, default ``llamagen_vq_config()``) is what the result is
+    checked against: every key must map, every expected key must be present, shapes must match.
+    """
+    if any(key.startswith(_PREFIX) for key in state_dict):
+        state_dict = {k[len(_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
+    expected = _expected_shapes(config if config is not None else llamagen_vq_config())
+
+    converted: dict[str, Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key == "quantize.codebook_used":  # training statistics only
+            continue
+        if key == "quantize.embedding.weight":
+            new_key, tensor = key, F.normalize(tensor, p=2, dim=-1)
+        else:
+            converted_key = _convert_key(key)
+            if converted_key is None:
+                raise ValueError(f"unexpected key {key!r} in the LlamaGen VQ state dict")
+            new_key, is_linear = converted_key
+            if is_linear and tensor.ndim == 4:
+                if tensor.shape[2:] != (1, 1):
+                    raise ValueError(f"{key!r}: expected a 1x1 convolution, got shape {tuple(tensor.shape)}")
+                tensor = tensor[:, :, 0, 0]
+        if new_key not in expected:
+            raise ValueError(f"unexpected key {key!r} (maps to {new_key!r}, which this VQModel config lacks)")
+        if tensor.shape != expected[new_key]:
+            raise ValueError(
+                f"{key!r}: shape {tuple(tensor.shape)} after conversion, "
+                f"expected {tuple(expected[new_key])} for {new_key!r}"
+            )
+        converted[new_key] = tensor.contiguous()
+
+    missing = sorted(set(expected) - set(converted))
+    if missing:
+        shown = ", ".join(repr(k) for k in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"LlamaGen VQ state dict is missing weights for {shown}{more}")
+    return converted
+
+
+def _read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Tensors of a .safetensors file or a torch pickle (optionally under "model"/"state_dict")."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VQ checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ValueError(f"cannot read VQ checkpoint {path} as a torch file: {err}") from err
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"VQ checkpoint {path} does not hold a state dict of tensors")
+    return obj
+
+
+def load_llamagen_vq(
+    path_or_state_dict: str | os.PathLike[str] | dict[str, Tensor], config: dict[str, Any] | None = None
+) -> VQModel:
+    """A ``VQModel`` holding LlamaGen VQ weights (``vq_ds16_c2i.pt``, a .safetensors file, or a dict).
+
+    The model is built on the meta device and takes the converted tensors as they are, so
+    loading costs no random initialisation; it is returned in eval mode.
+    """
+    config = config if config is not None else llamagen_vq_config()
+    if isinstance(path_or_state_dict, dict):
+        converted = convert_llamagen_vq_state_dict(path_or_state_dict, config)
+    else:
+        path = os.fspath(path_or_state_dict)
+        state_dict = _read_checkpoint(path)
+        try:
+            converted = convert_llamagen_vq_state_dict(state_dict, config)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+    with torch.device("meta"):
+        model = VQModel(**config)
+    model.load_state_dict(converted, strict=True, assign=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def encode_images(vq: VQModel, images: Tensor) -> Tensor:
+    """Codes of images in [-1, 1], shape (B, 3, H, W) -> LongTensor (B, h*w) in raster order."""
+    if images.ndim != 4 or images.shape[1] != vq.config.in_channels:
+        raise ValueError(
+            f"images must have shape (B, {vq.config.in_channels}, H, W), got {tuple(images.shape)}"
+        )
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
+    factor = 2 ** (len(vq.config.block_out_channels) - 1)
+    if images.shape[2] % factor or images.shape[3] % factor:
+        raise ValueError(
+            f"image height and width must be multiples of {factor}, got {tuple(images.shape[2:])}"
+        )
+    latents = vq.encode(images.to(device=vq.device, dtype=vq.dtype)).latents
+    # diffusers returns the indices flat over (batch, height, width), in that order.
+    indices = vq.quantize(latents)[2][2]
+    return indices.reshape(images.shape[0], -1).long()
+
+
+@torch.no_grad()
+def decode_codes(vq: VQModel, codes: Tensor) -> Tensor:
+    """Images in about [-1, 1], shape (B, 3, H, W), from codes (B, N) on a sqrt(N) x sqrt(N) grid."""
+    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+    if codes.ndim != 2:
+        raise ValueError(f"codes must have shape (B, N), got {tuple(codes.shape)}")
+    batch, length = codes.shape
+    side = math.isqrt(length)
+    if side * side != length or length == 0:
+        raise ValueError(f"the number of codes per image must be a positive perfect square, got {length}")
+    size = vq.config.num_vq_embeddings
+    if codes.numel() and (codes.min() < 0 or codes.max() >= size):
+        bad = codes.min() if codes.min() < 0 else codes.max()
+        raise ValueError(f"code {int(bad)} is outside the codebook range [0, {size})")
+    embed_dim = vq.config.vq_embed_dim or vq.config.latent_channels
+    shape = (batch, side, side, embed_dim)
+    indices = codes.to(device=vq.device, dtype=torch.long).reshape(-1)
+    if vq.config.lookup_from_codebook:
+        return vq.decode(indices, force_not_quantize=True, shape=shape).sample
+    # Without lookup_from_codebook, decode() takes the quantised latent itself.
+    return vq.decode(vq.quantize.get_codebook_entry(indices, shape), force_not_quantize=True).sample
+
+
+def images_to_uint8(images: Tensor) -> Tensor:
+    """Pixels in [-1, 1] -> uint8 in [0, 255] as the original saves them (clamped, rounded)."""
+    return ((images.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8)

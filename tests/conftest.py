@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from aim_hf import AiMConfig, AiMForImageGeneration
+
+
+def tiny_config(**overrides) -> AiMConfig:
+    """A model small enough for float64 tests in milliseconds, with more than one chunk per sequence."""
+    fields = dict(
+        vocab_size=37, num_classes=5, num_tokens=16, hidden_size=32, num_hidden_layers=4, adaln_groups=2,
+        state_size=8, head_dim=8, chunk_size=4, class_dropout_prob=0.0,
+    )  # fmt: skip
+    fields.update(overrides)
+    return AiMConfig(**fields)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random non-zero values in every parameter, with magnitudes that keep activations O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            if name.endswith("A_log"):
+                value = torch.log(torch.rand(p.shape, generator=g, dtype=torch.float64) * 3 + 0.5)
+            elif name.endswith("dt_bias"):
+                value = torch.rand(p.shape, generator=g, dtype=torch.float64) * 3 - 4
+            elif name.endswith(("norm.weight", "norm_f.weight", "final_norm.weight", ".D")):
+                value = 1 + 0.2 * noise
+            elif p.dim() >= 2 and not name.endswith(
+                ("embed_tokens.weight", "embed_positions.weight", "embed_classes.weight", "adaln_table")
+            ):
+                value = noise / p.shape[-1] ** 0.5
+            else:
+                value = 0.3 * noise
+            p.copy_(value.to(p.dtype))
+    return model
+
+
+@pytest.fixture
+def tiny_model() -> AiMForImageGeneration:
+    torch.manual_seed(0)
+    return randomize(AiMForImageGeneration(tiny_config()).double()).eval()

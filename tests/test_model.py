@@ -1,0 +1,209 @@
+"""The stage-2 model: config, presets, the Mamba2 scan, save/load, training."""
+
+import pytest
+import torch
+from conftest import randomize, tiny_config
+from transformers import AutoConfig, AutoModel
+
+from aim_hf import AiMConfig, AiMForImageGeneration
+from aim_hf.conversion import regroup_adaln
+from aim_hf.mamba2 import ssd_chunk_scan, ssm_step
+
+# float64 everywhere: rounding is ~1e-16 per operation, so 1e-10 leaves room for a few thousand
+# accumulated operations and still catches any real mistake (those are O(1e-2) or larger).
+RTOL = 1e-10
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "name,millions", [("AiM-B", 147.62), ("AiM-L", 349.76), ("AiM-XL", 763.29), ("AiM-1B", 1335.94)]
+)
+def test_preset_parameter_counts(name, millions):
+    with torch.device("meta"):
+        model = AiMForImageGeneration(AiMConfig.from_preset(name))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == millions
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"hidden_size": 36, "head_dim": 64}, "not divisible by head_dim"),
+        ({"adaln_groups": 0}, "adaln_groups must be a positive integer"),
+        ({"num_hidden_layers": 6, "adaln_groups": 4}, "must divide"),
+        ({"state_dtype": "int8"}, "state_dtype"),
+        ({"class_dropout_prob": 1.5}, "class_dropout_prob"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**kwargs)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown AiM preset 'AiM-S'.*AiM-B"):
+        AiMConfig.from_preset("AiM-S")
+
+
+def sequential_scan(x, dt, A, B, C, state=None):
+    """The recurrence of SPEC §2 one step at a time, in float64."""
+    b, length, h, p = x.shape
+    g = B.shape[2]
+    state = torch.zeros(b, h, p, B.shape[-1], dtype=torch.float64) if state is None else state.clone()
+    ys = []
+    for t in range(length):
+        for head in range(h):
+            grp = head // (h // g)
+            decay = torch.exp(dt[:, t, head] * A[head])[:, None, None]
+            state[:, head] = (
+                decay * state[:, head]
+                + dt[:, t, head, None, None] * x[:, t, head, :, None] * B[:, t, grp, None, :]
+            )
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t].repeat_interleave(h // g, dim=1)))
+    return torch.stack(ys, 1), state
+
+
+@pytest.mark.parametrize("chunk_size,length,groups", [(4, 13, 1), (8, 8, 2), (16, 5, 1), (3, 12, 2)])
+def test_chunked_scan_matches_sequential(chunk_size, length, groups):
+    g = torch.Generator().manual_seed(chunk_size * 100 + length)
+    b, h, p, n = 2, 4, 3, 5
+    x = torch.randn(b, length, h, p, generator=g, dtype=torch.float64)
+    dt = torch.rand(b, length, h, generator=g, dtype=torch.float64) * 0.5 + 0.01
+    A = -(torch.rand(h, generator=g, dtype=torch.float64) * 3 + 0.5)
+    B = torch.randn(b, length, groups, n, generator=g, dtype=torch.float64)
+    C = torch.randn(b, length, groups, n, generator=g, dtype=torch.float64)
+    init = torch.randn(b, h, p, n, generator=g, dtype=torch.float64)
+    y, final = ssd_chunk_scan(x, dt, A, B, C, chunk_size, initial_state=init)
+    y_ref, final_ref = sequential_scan(x, dt, A, B, C, init)
+    assert rel_err(y, y_ref) < RTOL
+    assert rel_err(final, final_ref) < RTOL
+    # the single-step update is the same recurrence
+    state = init.clone()
+    ys = [ssm_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t]) for t in range(length)]
+    assert rel_err(torch.stack(ys, 1), y_ref) < RTOL
+    assert rel_err(state, final_ref) < RTOL
+
+
+def test_half_precision_scan_accumulates_in_float32():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, 2, 4, generator=g)
+    dt = torch.rand(1, 64, 2, generator=g) * 0.1
+    A = -torch.ones(2)
+    B, C = torch.randn(1, 64, 1, 8, generator=g), torch.randn(1, 64, 1, 8, generator=g)
+    y, state = ssd_chunk_scan(x.bfloat16(), dt.bfloat16(), A, B.bfloat16(), C.bfloat16(), 16)
+    assert y.dtype == torch.float32 and state.dtype == torch.float32
+    y64, _ = sequential_scan(
+        *(t.bfloat16().double() for t in (x, dt)), A.double(), B.bfloat16().double(), C.bfloat16().double()
+    )
+    assert rel_err(y.double(), y64) < 1e-5  # float32 accumulation of the same bf16 inputs
+
+
+def test_forward_shapes_and_loss(tiny_model):
+    codes = torch.randint(0, 37, (3, 16))
+    out = tiny_model(codes, torch.tensor([0, 1, 4]), labels=codes)
+    assert out.logits.shape == (3, 16, 37)
+    expected = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), codes.flatten())
+    assert torch.allclose(out.loss, expected)
+    # causal: logits at t depend only on codes before t
+    changed = codes.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 37
+    logits2 = tiny_model(changed, torch.tensor([0, 1, 4])).logits
+    assert torch.equal(out.logits[:, :10], logits2[:, :10])
+    assert not torch.allclose(out.logits[:, 10:], logits2[:, 10:])
+
+
+def test_label_dropout_only_in_training(tiny_model):
+    tiny_model.config.class_dropout_prob = 0.5
+    codes = torch.randint(0, 37, (64, 4))
+    labels = torch.zeros(64, dtype=torch.long)
+    a, b = tiny_model(codes, labels).logits, tiny_model(codes, labels).logits
+    assert torch.equal(a, b)  # eval: deterministic, no dropout
+    tiny_model.train()
+    torch.manual_seed(0)
+    dropped = tiny_model(codes, labels).logits
+    null = tiny_model(codes, torch.full_like(labels, 5)).logits
+    same_as_null = (dropped[:, 0] - null[:, 0]).abs().amax(-1) < 1e-12
+    assert 10 < same_as_null.sum() < 54  # about half the labels were replaced by the null class
+
+
+def test_tied_embedding_and_save_load(tmp_path, tiny_model):
+    assert tiny_model.lm_head.weight.data_ptr() == tiny_model.model.embed_tokens.weight.data_ptr()
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AiMForImageGeneration.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    codes = torch.randint(0, 37, (2, 16))
+    labels = torch.tensor([1, 3])
+    assert torch.equal(loaded(codes, labels).logits, tiny_model(codes, labels).logits)
+    auto = AutoModel.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert isinstance(auto, AiMForImageGeneration)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), AiMConfig)
+    assert torch.equal(auto(codes, labels).logits, tiny_model(codes, labels).logits)
+
+
+@pytest.mark.parametrize("start,new", [(1, 2), (1, 4), (2, 4)])
+def test_regroup_adaln_is_exact(start, new):
+    model = randomize(AiMForImageGeneration(tiny_config(adaln_groups=start)).double(), seed=start).eval()
+    regrouped = regroup_adaln(model, new)
+    assert regrouped.config.adaln_groups == new
+    assert hasattr(regrouped.model.layers[0], "adaln_table") == (new < 4)
+    codes = torch.randint(0, 37, (2, 16))
+    labels = torch.tensor([0, 2])
+    assert rel_err(regrouped(codes, labels).logits, model(codes, labels).logits) < RTOL
+    with pytest.raises(ValueError, match="multiple of"):
+        regroup_adaln(model, 3)
+
+
+def test_training_step_reduces_loss():
+    torch.manual_seed(0)
+    model = AiMForImageGeneration(tiny_config(class_dropout_prob=0.1)).train()
+    codes = torch.randint(0, 37, (8, 16))
+    labels = torch.randint(0, 5, (8,))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(codes, labels, labels=codes).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = randomize(AiMForImageGeneration(tiny_config()).double()).train()
+    codes = torch.randint(0, 37, (2, 16))
+    labels = torch.tensor([0, 1])
+
+    def grads():
+        model.zero_grad()
+        model(codes, labels, labels=codes).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    assert model.model.layers[0].gradient_checkpointing
+    checkpointed = grads()
+    assert rel_err(checkpointed, plain) < RTOL
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m: m(torch.randint(0, 37, (2, 17)), torch.tensor([0, 1])), "at most 16"),
+        (lambda m: m(torch.full((2, 4), 37), torch.tensor([0, 1])), "code 37, outside the codebook"),
+        (lambda m: m(torch.rand(2, 4), torch.tensor([0, 1])), "integer tensor"),
+        (lambda m: m(torch.zeros(2, 4, dtype=torch.long), torch.tensor([0, 7])), "class label 7 is outside"),
+        (
+            lambda m: m(torch.zeros(2, 4, dtype=torch.long), torch.tensor([0])),
+            "1 class labels for a batch of 2",
+        ),
+        (lambda m: m(torch.zeros(0, 4, dtype=torch.long), torch.tensor([])), "empty batch"),
+    ],
+)
+def test_forward_bad_input(tiny_model, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(tiny_model)
