@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import cache
 from importlib import resources
 
@@ -95,7 +95,7 @@ def get_label_ids(
         try:  # one id: int, numpy integer or integer scalar tensor
             items = [operator.index(labels)]
         except TypeError:
-            items = list(labels)
+            items = list(labels) if isinstance(labels, Iterable) else [labels]
     main, every = _lookup(names)
     ids = []
     for item in items:

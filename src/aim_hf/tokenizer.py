@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import VQModel
+from safetensors.torch import load_file
 from torch import Tensor
 
 __all__ = [
@@ -178,14 +179,12 @@ def _read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VQ checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
     try:
+        if path.endswith(".safetensors"):
+            return load_file(path, device="cpu")
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"cannot read VQ checkpoint {path} as a torch file: {err}") from err
+    except Exception as err:  # safetensors and unpickling errors come in many types
+        raise ValueError(f"cannot read VQ checkpoint {path}: {err}") from err
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -251,9 +250,11 @@ def decode_codes(vq: VQModel, codes: Tensor) -> Tensor:
     if side * side != length or length == 0:
         raise ValueError(f"the number of codes per image must be a positive perfect square, got {length}")
     size = vq.config.num_vq_embeddings
-    if codes.numel() and (codes.min() < 0 or codes.max() >= size):
-        bad = codes.min() if codes.min() < 0 else codes.max()
-        raise ValueError(f"code {int(bad)} is outside the codebook range [0, {size})")
+    if codes.numel():
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= size:
+            bad = low if low < 0 else high
+            raise ValueError(f"code {bad} is outside the codebook range [0, {size})")
     embed_dim = vq.config.vq_embed_dim or vq.config.latent_channels
     shape = (batch, side, side, embed_dim)
     indices = codes.to(device=vq.device, dtype=torch.long).reshape(-1)
