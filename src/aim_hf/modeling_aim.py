@@ -289,13 +289,17 @@ class AiMForImageGeneration(AiMPreTrainedModel):
     ) -> torch.Tensor:
         """Class labels as a 1-D long tensor, each in [0, num_classes) (the null class is allowed in
         teacher forcing, where label dropout produces it)."""
-        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels)
+        try:
+            labels = torch.as_tensor(class_labels)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"class_labels must be integers, got {class_labels!r}") from err
+        labels = labels.reshape(1) if labels.dim() == 0 else labels
+        if labels.numel() == 0:
+            raise ValueError("class_labels is empty: at least one image must be asked for")
         if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(
                 f"class_labels must be integers, got dtype {labels.dtype} and shape {tuple(labels.shape)}"
             )
-        if labels.numel() == 0:
-            raise ValueError("class_labels is empty: at least one image must be asked for")
         allowed = self.config.num_classes + (1 if batch_size is not None else 0)
         if labels.min() < 0 or labels.max() >= allowed:
             bad = labels[(labels < 0) | (labels >= allowed)][0].item()
@@ -345,15 +349,39 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         if start == config.num_tokens:
             return prefix
 
+        def choose(t: int, logits: torch.Tensor) -> torch.Tensor:
+            token = sample_inverse_cdf(
+                filter_logits(logits, temperature, top_k, top_p), uniforms[:, t - start]
+            )
+            if callback is not None:
+                callback(t)
+            return token
+
+        return self.decode(labels, prefix, guidance_scale, choose)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        class_labels: torch.Tensor,
+        prefix: torch.Tensor,
+        guidance_scale: float,
+        choose: Callable[[int, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The cached decoding loop behind ``generate``: one pass over the class token and the prefix
+        fills a recurrent cache, then one step per code. ``choose(t, logits)`` picks code ``t``
+        (b,) from the guided logits (b, vocab_size); returns the codes (b, num_tokens)."""
+        config = self.config
+        batch, start = prefix.shape
         guided = guidance_scale != 1.0
-        if guided:
+        labels = class_labels
+        if guided:  # [conditional; unconditional] halves, both fed the same codes
             labels = torch.cat([labels, torch.full_like(labels, config.null_class)])
             prefix = prefix.repeat(2, 1)
+        device = prefix.device
         cache = AiMCache(config, labels.numel(), self.dtype, device)
         was_training = self.training
         self.eval()
         try:
-            # one pass over the class token and the prefix fills the cache
             hidden = self.model(
                 prefix, labels, cache=cache, positions=self.model.decode_positions(0, start, device)
             )
@@ -364,11 +392,8 @@ class AiMForImageGeneration(AiMPreTrainedModel):
                 step_logits = (
                     guide(logits, guidance_scale) if guided else logits.to(compute_dtype(logits.dtype))
                 )
-                step_logits = filter_logits(step_logits, temperature, top_k, top_p)
-                token = sample_inverse_cdf(step_logits, uniforms[:, t - start])
+                token = choose(t, step_logits)
                 codes.append(token[:, None])
-                if callback is not None:
-                    callback(t)
                 if t + 1 < config.num_tokens:
                     token = token.repeat(2) if guided else token
                     position = self.model.decode_positions(t, 1, device).expand(token.shape[0])
