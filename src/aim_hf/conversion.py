@@ -70,7 +70,7 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torc
             break
         obj = inner
     if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"{source} holds no state dict of tensors")
+        raise ValueError(f"{source} does not hold a state dict of tensors")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 

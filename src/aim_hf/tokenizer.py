@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import VQModel
-from safetensors.torch import load_file
 from torch import Tensor
+
+from .conversion import read_state_dict
 
 __all__ = [
     "convert_llamagen_vq_state_dict",
@@ -174,26 +175,6 @@ def convert_llamagen_vq_state_dict(
     return converted
 
 
-def _read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Tensors of a .safetensors file or a torch pickle (optionally under "model"/"state_dict")."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VQ checkpoint not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            return load_file(path, device="cpu")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors and unpickling errors come in many types
-        raise ValueError(f"cannot read VQ checkpoint {path}: {err}") from err
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"VQ checkpoint {path} does not hold a state dict of tensors")
-    return obj
-
-
 def load_llamagen_vq(
     path_or_state_dict: str | os.PathLike[str] | dict[str, Tensor], config: dict[str, Any] | None = None
 ) -> VQModel:
@@ -207,7 +188,7 @@ def load_llamagen_vq(
         converted = convert_llamagen_vq_state_dict(path_or_state_dict, config)
     else:
         path = os.fspath(path_or_state_dict)
-        state_dict = _read_checkpoint(path)
+        state_dict = read_state_dict(path)
         try:
             converted = convert_llamagen_vq_state_dict(state_dict, config)
         except ValueError as err:
