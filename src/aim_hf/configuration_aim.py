@@ -49,6 +49,7 @@ class AiMConfig(PretrainedConfig):
         original_decode_positions: reproduce the original's decoding, which feeds code ``k`` with
             position ``k + 1`` although training used ``k``; set for converted original weights.
         use_mamba_kernels: use mamba-ssm / causal-conv1d kernels when installed and on CUDA.
+        use_cuda_graphs: on CUDA, generate with compiled blocks and one CUDA graph per step.
         state_dtype: dtype of the recurrent SSM state during generation.
         default_guidance_scale: classifier-free guidance used when a call names none (the paper's
             evaluation setting for the presets).
@@ -76,6 +77,7 @@ class AiMConfig(PretrainedConfig):
         class_dropout_prob: float = 0.1,
         original_decode_positions: bool = False,
         use_mamba_kernels: bool = True,
+        use_cuda_graphs: bool = True,
         state_dtype: str = "float32",
         default_guidance_scale: float = 2.0,
         initializer_range: float = 0.02,
@@ -100,6 +102,7 @@ class AiMConfig(PretrainedConfig):
         self.class_dropout_prob = class_dropout_prob
         self.original_decode_positions = original_decode_positions
         self.use_mamba_kernels = use_mamba_kernels
+        self.use_cuda_graphs = use_cuda_graphs
         self.state_dtype = state_dtype
         self.default_guidance_scale = default_guidance_scale
         self.initializer_range = initializer_range

@@ -103,7 +103,7 @@ def ssm_step(
     decay = torch.exp(dt * A.to(dtype))
     new = state.to(dtype) * decay[:, :, None, None] + (dt[:, :, None] * x)[..., None] * B[:, :, None, :]
     state.copy_(new)
-    return torch.einsum("bhpn,bhn->bhp", new, C)
+    return (new * C[:, :, None, :]).sum(-1)  # a plain product-sum, which torch.compile fuses
 
 
 class GatedRMSNorm(nn.Module):
@@ -154,7 +154,13 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=config.use_bias)
 
     def use_kernels(self, tensor: torch.Tensor) -> bool:
-        return KERNELS_AVAILABLE and self.config.use_mamba_kernels and tensor.is_cuda
+        """mamba-ssm's kernels on CUDA, except under torch.compile, which fuses the pure path itself."""
+        return (
+            KERNELS_AVAILABLE
+            and self.config.use_mamba_kernels
+            and tensor.is_cuda
+            and not torch.compiler.is_compiling()
+        )
 
     def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)

@@ -349,6 +349,11 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         if start == config.num_tokens:
             return prefix
 
+        if device.type == "cuda" and config.use_cuda_graphs:
+            return self.graph_decoder(batch, guidance_scale, temperature, top_k, top_p).run(
+                labels, prefix, uniforms, callback
+            )
+
         def choose(t: int, logits: torch.Tensor) -> torch.Tensor:
             token = sample_inverse_cdf(
                 filter_logits(logits, temperature, top_k, top_p), uniforms[:, t - start]
@@ -358,6 +363,22 @@ class AiMForImageGeneration(AiMPreTrainedModel):
             return token
 
         return self.decode(labels, prefix, guidance_scale, choose)
+
+    def graph_decoder(self, batch: int, guidance_scale: float, temperature: float, top_k: int, top_p: float):
+        """The CUDA-graph decoder for this setting; one is kept (its cache can be large) and
+        rebuilt when the batch, the sampling settings or the weights' storage change."""
+        from .fast_decode import CUDAGraphDecoder
+
+        # the graph reads the weights where they were at capture: any move or cast means a new one
+        weights = tuple(p.data_ptr() for p in self.parameters())
+        key = (batch, guidance_scale, temperature, top_k, top_p, weights)
+        decoder = getattr(self, "_graph_decoder", None)
+        if decoder is None or decoder.key != key:
+            self._graph_decoder = None  # free the old cache first
+            decoder = CUDAGraphDecoder(self, batch, guidance_scale, temperature, top_k, top_p)
+            decoder.key = key
+            self._graph_decoder = decoder
+        return decoder
 
     @torch.no_grad()
     def decode(

@@ -1,0 +1,158 @@
+"""Speed of generation on the GPU: presets x batch sizes, CUDA-graph decoder vs eager baseline.
+
+Prints a table and writes JSON. The token loop is timed from the call to ``generate`` until the
+codes are on the device (synchronised), VQ decode separately. The floor is the bytes a decoding
+step must move at least (bf16 weights read once, recurrent state read and written) over the copy
+bandwidth measured in the same run.
+
+    python scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 64 256 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from datetime import date
+
+import torch
+
+from aim_hf import AiMConfig, AiMForImageGeneration
+
+
+def copy_bandwidth(gib: int = 4) -> float:
+    """Bytes per second of a large device-to-device copy, counting read plus write."""
+    src = torch.randn(gib * 2**28, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * gib * 2**30 / statistics.median(times)
+
+
+def random_model(preset: str, dtype: torch.dtype, state_dtype: str) -> AiMForImageGeneration:
+    """A preset with random weights everywhere (no all-zero adaLN: timings on zeros can flatter)."""
+    config = AiMConfig.from_preset(preset, state_dtype=state_dtype)
+    with torch.device("cuda"):
+        model = AiMForImageGeneration(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.02)
+    return model.to(dtype).eval()
+
+
+def floor_seconds(model: AiMForImageGeneration, rows: int, bandwidth: float) -> float:
+    config = model.config
+    weights = sum(p.numel() for p in model.parameters()) - model.model.embed_positions.weight.numel()
+    weights -= model.model.embed_classes.weight.numel()
+    state = config.num_hidden_layers * config.num_heads * config.head_dim * config.state_size
+    state_bytes = torch.tensor([], dtype=getattr(torch, config.state_dtype)).element_size()
+    per_step = weights * model.dtype.itemsize + 2 * rows * state * state_bytes
+    return (config.num_tokens - 1) * per_step / bandwidth
+
+
+def time_call(fn, *args, **kwargs) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--presets", nargs="+", default=["AiM-B", "AiM-XL"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 64, 256])
+    parser.add_argument("--modes", nargs="+", default=["graph", "eager"], choices=["graph", "eager"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--guidance-scale", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--vq", action="store_true", help="also time VQ decode (LlamaGen VQ-f16, random weights)"
+    )
+    parser.add_argument("--json", default="benchmark.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("the benchmark needs a CUDA GPU")
+    dtype = getattr(torch, args.dtype)
+    bandwidth = copy_bandwidth()
+    vq = None
+    if args.vq:
+        from diffusers import VQModel
+
+        from aim_hf.tokenizer import decode_codes, llamagen_vq_config
+
+        with torch.device("cuda"):
+            vq = VQModel(**llamagen_vq_config()).to(dtype).eval()
+    rows = []
+    for preset in args.presets:
+        model = random_model(preset, dtype, args.state_dtype)
+        for batch in args.batch_sizes:
+            for mode in args.modes:
+                model.config.use_cuda_graphs = mode == "graph"
+                call = (model.generate, list(range(batch)))
+                kwargs = {"guidance_scale": args.guidance_scale}
+                torch.cuda.reset_peak_memory_stats()
+                first, codes = time_call(*call, **kwargs)
+                times = [time_call(*call, **kwargs)[0] for _ in range(args.repeats)]
+                loop = statistics.median(times)
+                row = {
+                    "preset": preset, "batch": batch, "mode": mode, "dtype": args.dtype,
+                    "state_dtype": args.state_dtype, "guidance_scale": args.guidance_scale,
+                    "first_call_s": first, "token_loop_s": loop, "token_loop_all_s": times,
+                    "images_per_s": batch / loop, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+                    "floor_s": floor_seconds(model, batch * (2 if args.guidance_scale != 1 else 1), bandwidth),
+                }  # fmt: skip
+                row["ratio_to_floor"] = loop / row["floor_s"]
+                if vq is not None:
+                    time_call(decode_codes, vq, codes)  # warm-up
+                    decode, _ = time_call(decode_codes, vq, codes)
+                    row["vq_decode_s"] = decode
+                    row["images_per_s_with_vq"] = batch / (loop + decode)
+                rows.append(row)
+                print(
+                    f"{preset:7s} batch {batch:4d} {mode:5s}: loop {loop:8.3f} s  {row['images_per_s']:8.1f} img/s  "
+                    f"first {first:6.1f} s  floor {row['floor_s']:.3f} s (x{row['ratio_to_floor']:.1f})  "
+                    f"peak {row['peak_memory_gib']:.1f} GiB",
+                    flush=True,
+                )
+        model._graph_decoder = None
+        torch.cuda.empty_cache()
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "date": date.today().isoformat(),
+        "torch": torch.__version__,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "command": "python scripts/benchmark.py " + " ".join(os.sys.argv[1:]),
+        "rows": rows,
+    }
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, args.json)
+    print(f"\n{result['device']}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, {result['date']}")
+    print(f"{'preset':8s}{'batch':>6s}{'mode':>7s}{'loop s':>9s}{'img/s':>9s}{'x floor':>9s}{'first s':>9s}")
+    for r in rows:
+        print(
+            f"{r['preset']:8s}{r['batch']:6d}{r['mode']:>7s}{r['token_loop_s']:9.3f}{r['images_per_s']:9.1f}"
+            f"{r['ratio_to_floor']:9.1f}{r['first_call_s']:9.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

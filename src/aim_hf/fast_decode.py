@@ -1,0 +1,134 @@
+"""Decoding on CUDA without host synchronisation: the whole step in one CUDA graph.
+
+A decoding step of AiM is a few hundred small kernels; at small batch their launches, not the
+GPU, set the pace. Here the blocks are compiled with ``torch.compile`` (one compiled block serves
+every layer, since they share code and shapes), and one whole step — embedding, every layer, the
+head, guidance, the filters and the draw, the write of the new code and the advance of the step
+counter — is captured in a CUDA graph. The loop is then ``graph.replay()`` per code, with no
+host synchronisation. A decoder is built once per batch shape and sampling setting and reused
+across calls, so only the first call pays for compilation and capture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .modeling_aim import AiMCache, AiMForImageGeneration
+from .sampling import filter_logits, guide, sample_inverse_cdf
+
+
+def compile_blocks(model: AiMForImageGeneration) -> None:
+    """Compile each block once (regional compilation: the layers reuse one compiled graph)."""
+    if not getattr(model, "_blocks_compiled", False):
+        for layer in model.model.layers:
+            layer.compile(fullgraph=True, dynamic=False)
+        model._blocks_compiled = True
+
+
+class CUDAGraphDecoder:
+    """Generation for one (batch, guidance, filters) setting on one CUDA device.
+
+    ``run(labels, prefix, uniforms)`` returns the codes (batch, num_tokens). The prefix pass runs
+    eagerly (its length varies); every later step is a replay of the captured graph.
+    """
+
+    def __init__(
+        self,
+        model: AiMForImageGeneration,
+        batch: int,
+        guidance_scale: float,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+    ):
+        config = model.config
+        self.model = model
+        self.guided = guidance_scale != 1.0
+        self.settings = (guidance_scale, temperature, top_k, top_p)
+        rows = 2 * batch if self.guided else batch
+        device, dtype = model.device, model.dtype
+        self.cache = AiMCache(config, rows, dtype, device)
+        self.codes = torch.zeros(batch, config.num_tokens, dtype=torch.long, device=device)
+        self.uniforms = torch.zeros(batch, config.num_tokens, dtype=torch.float64, device=device)
+        self.t = torch.zeros((), dtype=torch.long, device=device)  # index of the code being fed
+        self.offset = int(config.original_decode_positions)
+        d = config.hidden_size
+        self.groups = torch.zeros(rows, config.adaln_groups, 3, d, dtype=dtype, device=device)
+        self.final = torch.zeros(rows, 2, d, dtype=dtype, device=device)
+        self.logits = torch.zeros(batch, config.vocab_size, dtype=torch.float32, device=device)  # last step's
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def sample(self, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """Guide, filter and draw; the guided logits stay in ``self.logits`` for inspection."""
+        guidance_scale, temperature, top_k, top_p = self.settings
+        logits = guide(logits, guidance_scale) if self.guided else logits.float()
+        self.logits.copy_(logits)
+        return sample_inverse_cdf(filter_logits(logits, temperature, top_k, top_p), uniforms)
+
+    def step(self) -> None:
+        """Feed code t, sample code t + 1 into ``codes``, advance t: all on the device."""
+        model = self.model
+        token = self.codes.index_select(1, self.t.view(1)).squeeze(1)
+        token = token.repeat(2) if self.guided else token
+        position = (self.t + self.offset).expand(token.shape[0])
+        hidden = model.model.step(token, position, self.groups, self.final, self.cache)
+        logits = model.lm_head(hidden.to(model.lm_head.weight.dtype))
+        nxt = (self.t + 1).view(1)
+        code = self.sample(logits, self.uniforms.index_select(1, nxt).squeeze(1))
+        self.codes.index_copy_(1, nxt, code[:, None])
+        self.t.add_(1)
+
+    def capture(self) -> None:
+        compile_blocks(self.model)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # compile and warm up outside the graph
+                self.t.zero_()
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    @torch.no_grad()
+    def prefill(self, labels: torch.Tensor, prefix: torch.Tensor, uniforms: torch.Tensor) -> None:
+        """Eager pass over the class token and the prefix: fills the cache, draws the first new
+        code and sets the step counter (the prefix length varies, so it is not captured)."""
+        model, config = self.model, self.model.config
+        start = prefix.shape[1]
+        if self.guided:
+            labels = torch.cat([labels, torch.full_like(labels, config.null_class)])
+        positions = model.model.decode_positions(0, start, prefix.device)
+        prefix_rows = prefix.repeat(2, 1) if self.guided else prefix
+        hidden = model.model(prefix_rows, labels, cache=self.cache, positions=positions)
+        logits = model.lm_head(hidden[:, -1].to(model.lm_head.weight.dtype))
+        _, groups, final = model.model.condition(labels)
+        self.groups.copy_(groups)
+        self.final.copy_(final)
+        self.uniforms[:, start:] = uniforms
+        self.codes[:, :start] = prefix
+        self.codes[:, start] = self.sample(logits, self.uniforms[:, start])
+        self.t.fill_(start)
+
+    @torch.no_grad()
+    def run(
+        self,
+        labels: torch.Tensor,
+        prefix: torch.Tensor,
+        uniforms: torch.Tensor,
+        callback: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Codes (batch, num_tokens) continuing ``prefix`` with the given uniforms (batch, steps)."""
+        if self.graph is None:
+            self.capture()
+        start = prefix.shape[1]
+        self.prefill(labels, prefix, uniforms)
+        for t in range(start, self.model.config.num_tokens):
+            if t > start:
+                self.graph.replay()
+            if callback is not None:
+                callback(t)
+        return self.codes.clone()

@@ -1,0 +1,105 @@
+"""GPU-only checks (run on the GPU machine): mamba-ssm kernels and the CUDA-graph decoder against
+the pure-PyTorch path and a float64 reference."""
+
+import pytest
+import torch
+from conftest import randomize
+
+from aim_hf import AiMConfig, AiMForImageGeneration
+from aim_hf.mamba2 import KERNELS_AVAILABLE
+from aim_hf.sampling import sample_inverse_cdf
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+# Tolerances against the float64 pure path, relative L2 over all logits of AiM-B (24 layers):
+# float32 runs through tf32 matrix units (~3e-4 per product, growing with depth) -> 1e-2;
+# bf16 weights and activations (~4e-3 per rounding, growing with depth) -> 8e-2.
+TOLERANCE = {torch.float32: 1e-2, torch.bfloat16: 8e-2}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def aim_b():
+    torch.manual_seed(0)
+    model = randomize(AiMForImageGeneration(AiMConfig.from_preset("AiM-B")), seed=1)
+    return model.cuda().eval()
+
+
+@pytest.fixture(scope="module")
+def reference(aim_b):
+    """float64 pure-path logits of AiM-B on a fixed batch of 8."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16384, (8, 256), generator=g).cuda()
+    labels = torch.randint(0, 1000, (8,), generator=g).cuda()
+    aim_b.config.use_mamba_kernels = False
+    with torch.no_grad():
+        logits = aim_b.double()(codes, labels).logits
+    aim_b.float()
+    return codes, labels, logits
+
+
+@pytest.mark.skipif(not KERNELS_AVAILABLE, reason="mamba-ssm / causal-conv1d not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_match_pure_path(aim_b, reference, dtype):
+    codes, labels, ref = reference
+    model = aim_b.to(dtype)
+    with torch.no_grad():
+        model.config.use_mamba_kernels = True
+        kernels = model(codes, labels).logits
+        model.config.use_mamba_kernels = False
+        pure = model(codes, labels).logits
+    model.config.use_mamba_kernels = True
+    aim_b.float()
+    assert rel_err(kernels, ref) < TOLERANCE[dtype]
+    assert rel_err(pure, ref) < TOLERANCE[dtype]
+    assert rel_err(kernels, pure) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype):
+    model = aim_b.to(dtype)
+    g = torch.Generator().manual_seed(1)
+    batch, scale = 4, 2.0
+    codes = torch.randint(0, 16384, (batch, 256), generator=g).cuda()
+    labels = torch.tensor([1, 207, 980, 3]).cuda()
+    uniforms = torch.rand(batch, 256, dtype=torch.float64, generator=g).cuda()
+    eager = []
+
+    def choose(t, logits):
+        eager.append(logits)
+        return codes[:, t]
+
+    model.decode(labels, codes[:, :0], scale, choose)  # eager teacher-forced logits of codes 0..255
+    decoder = model.graph_decoder(batch, scale, 1.0, 0, 1.0)
+    free = decoder.run(labels, codes[:, :1], uniforms[:, 1:])  # compiles and captures
+    assert torch.equal(free[:, :1], codes[:, :1])
+    decoder.prefill(labels, codes[:, :1], uniforms[:, 1:])
+    graph_logits, agree = [], 0
+    for t in range(1, 255):
+        decoder.codes[:, t] = codes[:, t]  # teacher forcing: feed the given code t
+        decoder.graph.replay()  # samples code t + 1
+        graph_logits.append(decoder.logits.clone())
+        eager_code = sample_inverse_cdf(eager[t + 1].float(), uniforms[:, t + 1])
+        agree += (decoder.codes[:, t + 1] == eager_code).sum().item()
+    aim_b.float()
+    assert rel_err(torch.stack(graph_logits, 1), torch.stack(eager[2:], 1)) < TOLERANCE[dtype]
+    # a code differs only where a uniform falls within rounding of a CDF boundary
+    assert agree / (batch * 254) > (0.999 if dtype == torch.float32 else 0.98)
+
+
+def test_graph_decoder_is_reused_and_reproducible(aim_b):
+    model = aim_b.to(torch.bfloat16)
+    gens = lambda: [torch.Generator("cuda").manual_seed(s) for s in range(3)]  # noqa: E731
+    first = model.generate([1, 2, 3], guidance_scale=1.5, generator=gens())
+    decoder = model._graph_decoder
+    graph = decoder.graph
+    second = model.generate([1, 2, 3], guidance_scale=1.5, generator=gens())
+    aim_b.float()
+    assert model._graph_decoder is decoder and decoder.graph is graph
+    assert torch.equal(first, second)
