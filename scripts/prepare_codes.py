@@ -1,0 +1,231 @@
+"""Tokenise an image dataset into a codes dataset for training AiM.
+
+    accelerate launch scripts/prepare_codes.py --dataset /data/imagenet/train \\
+        --tokenizer vq_ds16_c2i.pt --output data/imagenet256-codes --augment ten-crop
+
+The source is any ``datasets`` image dataset with an image and an integer label column: a folder
+of class subfolders (imagefolder), a folder written by ``save_to_disk``, or a hub dataset. Every
+view of an image becomes one row ``{"codes": int16 (num_tokens,), "label": int}``.
+
+Work is cut into shards of ``--shard-size`` source images. Each process (``accelerate launch``
+starts one per GPU) takes every num_processes-th shard, encodes it in batches on its device and
+writes it atomically to ``OUTPUT.work/``; shards already there are skipped, so after an
+interruption the same command continues where it stopped, without lost or repeated rows. When all
+shards exist, they are concatenated in order into OUTPUT and the work folder is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from accelerate import PartialState
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from aim_hf.data import (
+    AUGMENTATIONS,
+    atomic_path,
+    check_image_dataset,
+    image_views,
+    load_vq,
+    remove_temporaries,
+    views_to_tensor,
+)
+from aim_hf.tokenizer import encode_images
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help="image folder, save_to_disk folder, or hub dataset name")
+    p.add_argument("--dataset-config", default=None, help="configuration name of a hub dataset")
+    p.add_argument("--data-dir", default=None, help="data_dir passed to load_dataset (e.g. for imagefolder)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--tokenizer", required=True, help="VQModel folder (save_pretrained) or LlamaGen .pt")
+    p.add_argument("--output", required=True, help="folder the codes dataset is saved to (save_to_disk)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
+    p.add_argument("--crop-range", type=float, default=1.1, help="ten-crop: crop from size*crop_range")
+    p.add_argument("--batch-size", type=int, default=64, help="source images per encoder batch")
+    p.add_argument("--shard-size", type=int, default=4096, help="source images per resumable shard")
+    p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers per process")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="VQ encoder dtype")
+    p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per process")
+    args = p.parse_args(argv)
+    for name in ("image_size", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        p.error(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.max_shards is not None and args.max_shards < 1:
+        p.error(f"--max-shards must be a positive integer, got {args.max_shards}")
+    if not args.crop_range >= 1.0:
+        p.error(f"--crop-range must be >= 1, got {args.crop_range}")
+    return args
+
+
+def load_images(args: argparse.Namespace) -> datasets.Dataset:
+    """The source split, from a save_to_disk folder or through ``load_dataset``."""
+    path = Path(args.dataset)
+    if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
+        dataset = datasets.load_from_disk(str(path))
+    else:
+        dataset = datasets.load_dataset(
+            args.dataset, args.dataset_config, data_dir=args.data_dir, split=args.split
+        )
+    if isinstance(dataset, datasets.DatasetDict):
+        if args.split not in dataset:
+            raise ValueError(f"split {args.split!r} not found; allowed: {sorted(dataset)}")
+        dataset = dataset[args.split]
+    return dataset
+
+
+class ShardViews(torch.utils.data.Dataset):
+    """Rows of one shard -> (views (V, 3, H, W) in [-1, 1], label); runs in DataLoader workers."""
+
+    def __init__(self, rows: datasets.Dataset, args: argparse.Namespace):
+        self.rows = rows.select_columns([args.image_column, args.label_column])
+        self.args = args
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.rows[index]
+        a = self.args
+        views = image_views(row[a.image_column], a.image_size, a.augment, a.crop_range)
+        return views_to_tensor(views), int(row[a.label_column])
+
+
+def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, np.ndarray]:
+    return torch.cat([views for views, _ in items]), np.array([label for _, label in items], dtype=np.int64)
+
+
+def encode_shard(
+    vq: torch.nn.Module, rows: datasets.Dataset, args: argparse.Namespace, codes_dtype: type
+) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (rows*V, num_tokens) and labels (rows*V,), image-major then view order."""
+    loader = DataLoader(
+        ShardViews(rows, args),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=collate,
+        pin_memory=vq.device.type == "cuda",
+    )
+    views = AUGMENTATIONS[args.augment]
+    codes, labels = [], []
+    for pixels, batch_labels in loader:
+        codes.append(
+            encode_images(vq, pixels.to(vq.device, non_blocking=True)).cpu().numpy().astype(codes_dtype)
+        )
+        labels.append(np.repeat(batch_labels, views))
+    return np.concatenate(codes), np.concatenate(labels)
+
+
+def check_plan(work: Path, plan: dict) -> None:
+    """The work folder must come from the same settings, or its shards would not fit together."""
+    saved = json.loads((work / "plan.json").read_text())
+    changed = {k: (saved.get(k), v) for k, v in plan.items() if saved.get(k) != v}
+    if changed:
+        details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"{work} holds shards made with other settings ({details}); "
+            "rerun with the same settings or delete the folder"
+        )
+
+
+def shard_path(work: Path, index: int) -> Path:
+    return work / f"shard-{index:06d}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    output = Path(args.output)
+    if output.exists():
+        print(f"{output} already exists; nothing to do (delete it to tokenise again)")
+        return 0
+    state = PartialState()
+    datasets.disable_progress_bars()  # one bar over the shards instead of one per saved shard
+    vq = load_vq(args.tokenizer)
+    factor = 2 ** (len(vq.config.block_out_channels) - 1)
+    if args.image_size % factor:
+        raise ValueError(
+            f"--image-size {args.image_size} must be a multiple of the tokenizer's downsampling factor {factor}"
+        )
+    num_tokens = (args.image_size // factor) ** 2
+    codes_dtype = np.int16 if vq.config.num_vq_embeddings <= 2**15 else np.int32
+    with state.main_process_first():
+        source = load_images(args)
+    check_image_dataset(source, args.image_column, args.label_column)
+    features = datasets.Features(
+        {
+            "codes": datasets.List(datasets.Value(np.dtype(codes_dtype).name), length=num_tokens),
+            "label": source.features[args.label_column],
+        }
+    )
+
+    work = output.with_name(output.name + ".work")
+    plan = {
+        "source": source._fingerprint,
+        "num_rows": len(source),
+        "shard_size": args.shard_size,
+        "image_size": args.image_size,
+        "augment": args.augment,
+        "crop_range": args.crop_range,
+        "tokenizer": str(Path(args.tokenizer).resolve()),
+        "dtype": args.dtype,
+    }
+    if state.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(work)
+        if not (work / "plan.json").is_file():
+            with atomic_path(work / "plan.json") as tmp:
+                tmp.write_text(json.dumps(plan, indent=1))
+    state.wait_for_everyone()
+    check_plan(work, plan)
+
+    num_shards = math.ceil(len(source) / args.shard_size)
+    mine = range(state.process_index, num_shards, state.num_processes)
+    todo = [k for k in mine if not shard_path(work, k).is_dir()][: args.max_shards]
+    vq.to(state.device)
+    if args.dtype != "float32":
+        vq.to(DTYPES[args.dtype])
+    for k in tqdm(todo, desc="shards", disable=not state.is_local_main_process):
+        rows = source.select(range(k * args.shard_size, min(len(source), (k + 1) * args.shard_size)))
+        codes, labels = encode_shard(vq, rows, args, codes_dtype)
+        shard = datasets.Dataset.from_dict({"codes": codes, "label": labels}, features=features)
+        with atomic_path(shard_path(work, k)) as tmp:
+            shard.save_to_disk(str(tmp))
+    state.wait_for_everyone()
+
+    if state.is_main_process:
+        done = sum(shard_path(work, k).is_dir() for k in range(num_shards))
+        if done < num_shards:
+            print(f"{done} of {num_shards} shards are in {work}; run the same command again to continue")
+        else:
+            shards = [datasets.load_from_disk(str(shard_path(work, k))) for k in range(num_shards)]
+            codes = datasets.concatenate_datasets(shards)
+            with atomic_path(output) as tmp:
+                codes.save_to_disk(str(tmp))
+            shutil.rmtree(work)
+            print(f"wrote {len(codes)} rows of {num_tokens} codes ({args.augment}) to {output}")
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
