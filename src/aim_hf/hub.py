@@ -1,0 +1,357 @@
+"""Finding and loading AiM checkpoints in a local folder or a hub repo (from the cache when offline).
+
+Three layouts are recognised:
+
+* a pipeline saved by this package: ``model_index.json`` with ``aim/`` and ``vqvae/``;
+* the original hub-mixin repos hp-l33/aim-base, -large, -xlarge: ``config.json`` with the original
+  fields (``d_model``, ``n_layer``, ...) and ``model.safetensors`` holding stage 2 under "mamba."
+  and the tokenizer under "vqvae.";
+* the original release repo hp-l33/aim: ``aim_b.bin``, ``aim_l.bin``, ``aim_xl.bin`` (stage 2
+  only); the tokenizer then comes from LlamaGen's repo (``vq_ds16_c2i.pt``).
+
+Listing a repo needs the network, so files are looked up one known name at a time, which works
+from the hub cache alone. Original checkpoints are converted in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import VQModel
+from huggingface_hub import constants, file_exists, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from safetensors import SafetensorError, safe_open
+
+from .configuration_aim import AiMConfig
+from .conversion import load_original, read_state_dict
+from .modeling_aim import AiMForImageGeneration
+from .tokenizer import llamagen_vq_config, load_llamagen_vq
+
+PIPELINE_INDEX = "model_index.json"
+HUB_MIXIN_FILES = ("config.json", "model.safetensors")
+# Sizes of the release repo, largest first: the default is the largest one available.
+RELEASE_FILES = {"XL": "aim_xl.bin", "L": "aim_l.bin", "B": "aim_b.bin"}
+LLAMAGEN_REPO = "FoundationVision/LlamaGen"
+LLAMAGEN_VQ_FILE = "vq_ds16_c2i.pt"
+# Keyword arguments of ``from_pretrained`` that say where and how to fetch files.
+HUB_ARGUMENTS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+# Weights of each pipeline component as ``save_pretrained`` writes them.
+COMPONENT_WEIGHTS = {"aim": "model.safetensors", "vqvae": "diffusion_pytorch_model.safetensors"}
+
+_VQ_PREFIX = "vqvae."
+
+
+@dataclass(frozen=True)
+class Source:
+    """A local folder or a hub repo id, with the arguments that reach the hub."""
+
+    location: str
+    cache_dir: str | os.PathLike | None = None
+    revision: str | None = None
+    token: str | bool | None = None
+    local_files_only: bool = False
+    force_download: bool = False
+
+    @property
+    def is_local(self) -> bool:
+        return os.path.isdir(self.location)
+
+    @property
+    def offline(self) -> bool:
+        return bool(self.local_files_only) or constants.is_offline_mode()
+
+    def has(self, filename: str) -> bool:
+        """Whether the folder or repo holds ``filename``, without downloading it: the hub cache
+        answers first, the hub itself only when online."""
+        if self.is_local:
+            return (Path(self.location) / filename).is_file()
+        try:
+            cached = try_to_load_from_cache(
+                self.location, filename, cache_dir=self.cache_dir, revision=self.revision
+            )
+        except HFValidationError as err:
+            raise ValueError(
+                f"{self.location!r} is neither a local folder nor a valid hub repo id ({err})"
+            ) from None
+        if isinstance(cached, str):
+            return True
+        return not self.offline and file_exists(
+            self.location, filename, revision=self.revision, token=self.token
+        )
+
+    def fetch(self, filename: str) -> Path:
+        """The local path of ``filename``, downloaded (or taken from the cache) when on the hub."""
+        if self.is_local:
+            path = Path(self.location) / filename
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.location}: no file {filename}")
+            return path
+        try:
+            return Path(
+                hf_hub_download(
+                    self.location,
+                    filename,
+                    cache_dir=self.cache_dir,
+                    revision=self.revision,
+                    token=self.token,
+                    local_files_only=self.offline,
+                    force_download=self.force_download,
+                )
+            )
+        except FileNotFoundError as err:  # offline and not in the cache
+            raise FileNotFoundError(
+                f"{filename} of hub repo {self.location} is not in the hub cache and the hub cannot be "
+                f"reached (offline mode): {err}"
+            ) from err
+
+    def describe(self, filename: str) -> str:
+        """How to name one of its files in messages."""
+        if self.is_local:
+            return str(Path(self.location) / filename)
+        return f"{self.location}/{filename}"
+
+
+def detect_format(source: Source) -> str:
+    """ "pipeline", "hub-mixin" or "release": which layout ``source`` holds."""
+    if source.has(PIPELINE_INDEX):
+        return "pipeline"
+    if any(source.has(name) for name in RELEASE_FILES.values()):
+        return "release"
+    if source.has("config.json"):
+        config = _read_json(source.fetch("config.json"))
+        if "d_model" in config:
+            return "hub-mixin"
+        if config.get("model_type") == "aim":
+            raise ValueError(
+                f"{source.describe('config.json')} is a bare AiMForImageGeneration, not a pipeline: load it "
+                "with AiMForImageGeneration.from_pretrained and pass it to AiMPipeline(aim=..., vqvae=...)"
+            )
+        raise ValueError(
+            f"{source.describe('config.json')} is not an original AiM config (it has no 'd_model')"
+        )
+    raise FileNotFoundError(
+        f"no AiM checkpoint found in {source.location!r}: looked for {PIPELINE_INDEX} (a saved pipeline), "
+        f"{' + '.join(HUB_MIXIN_FILES)} (hp-l33/aim-base, -large, -xlarge) and "
+        f"{', '.join(RELEASE_FILES.values())} (hp-l33/aim)"
+        + (" in the hub cache, offline" if not source.is_local and source.offline else "")
+    )
+
+
+def release_file(source: Source, model_size: str | None) -> str:
+    """The release file of ``model_size`` ("B", "L" or "XL"), or the largest one available."""
+    if model_size is None:
+        for name in RELEASE_FILES.values():
+            if source.has(name):
+                return name
+        raise FileNotFoundError(f"{source.location}: none of {list(RELEASE_FILES.values())} is available")
+    size = str(model_size).upper().removeprefix("AIM-")
+    if size not in RELEASE_FILES:
+        raise ValueError(f"model_size must be one of {list(RELEASE_FILES)}, got {model_size!r}")
+    name = RELEASE_FILES[size]
+    if not source.has(name):
+        available = [s for s, f in RELEASE_FILES.items() if source.has(f)]
+        raise FileNotFoundError(f"{source.describe(name)} is not available; sizes available: {available}")
+    return name
+
+
+def load_original_components(
+    source: Source,
+    model_size: str | None = None,
+    vqvae: VQModel | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[AiMForImageGeneration, VQModel]:
+    """The stage-2 model and tokenizer of an original checkpoint (hub-mixin or release layout),
+    converted in memory. ``vqvae`` replaces the checkpoint's (or LlamaGen's) tokenizer."""
+    layout = detect_format(source)
+    if layout == "pipeline":
+        raise ValueError(f"{source.location} is a saved pipeline, not an original AiM checkpoint")
+    if layout == "hub-mixin":
+        if model_size is not None:
+            raise ValueError(
+                f"model_size={model_size!r} only chooses among hp-l33/aim's release files; "
+                f"{source.location} holds a single model"
+            )
+        weights = source.fetch("model.safetensors")
+        aim = load_original(weights, original_config=_read_json(source.fetch("config.json")), dtype=dtype)
+        if vqvae is None:
+            vq_state = _tokenizer_part(weights)
+            if not vq_state:
+                raise ValueError(f"{weights} holds no tokenizer weights ('vqvae.' keys); pass vqvae=")
+            vqvae = load_tokenizer(vq_state, str(weights), aim.config)
+    else:
+        aim = load_original(source.fetch(release_file(source, model_size)), dtype=dtype)
+        if vqvae is None:
+            llamagen = Source(
+                LLAMAGEN_REPO,
+                cache_dir=source.cache_dir,
+                token=source.token,
+                local_files_only=source.local_files_only,
+                force_download=source.force_download,
+            )
+            path = llamagen.fetch(LLAMAGEN_VQ_FILE)
+            vqvae = load_tokenizer(read_state_dict(path), str(path), aim.config)
+    return aim, vqvae.to(dtype)
+
+
+def load_tokenizer(
+    state_dict: Mapping[str, torch.Tensor], name: str, aim_config: AiMConfig | None = None
+) -> VQModel:
+    """A LlamaGen VQ tokenizer as a ``VQModel`` whose config is read from the weights' shapes.
+
+    ``name`` (the file) prefixes every error. With ``aim_config`` the codebook must have the
+    model's ``vocab_size`` codes, and the image size is set from its ``num_tokens`` grid."""
+    side = math.isqrt(aim_config.num_tokens) if aim_config is not None else 16
+    config = infer_llamagen_vq_config(state_dict, name, grid_side=side)
+    if aim_config is not None:
+        check_codebook(
+            config["num_vq_embeddings"], aim_config.vocab_size, f"{name}: 'quantize.embedding.weight'"
+        )
+    try:
+        return load_llamagen_vq(dict(state_dict), config)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
+
+
+def check_codebook(num_codes: int, vocab_size: int, what: str) -> None:
+    """The tokenizer must have exactly the codes the model predicts."""
+    if num_codes != vocab_size:
+        raise ValueError(
+            f"{what} has {num_codes} codes but the AiM model predicts vocab_size={vocab_size} codes: "
+            "this tokenizer does not belong to this model"
+        )
+
+
+def infer_llamagen_vq_config(state_dict: Mapping[str, torch.Tensor], name: str, grid_side: int = 16) -> dict:
+    """``VQModel`` kwargs of a LlamaGen VQ state dict (original key names), from its shapes.
+
+    Channel widths, depth, attention placement, latent and codebook sizes are read from the
+    weights; the group-norm size is LlamaGen's 32. ``grid_side`` codes per image side set the
+    nominal image size."""
+
+    def shape(key: str) -> torch.Size:
+        if key not in state_dict:
+            raise ValueError(f"{name}: missing key {key!r} (expected a LlamaGen VQ tokenizer state dict)")
+        return state_dict[key].shape
+
+    blocks = re.compile(r"encoder\.conv_blocks\.(\d+)\.res\.(\d+)\.")
+    found = [tuple(map(int, m.groups())) for key in state_dict if (m := blocks.match(key))]
+    levels = max((level for level, _ in found), default=-1) + 1
+    if levels == 0:
+        raise ValueError(f"{name}: missing key 'encoder.conv_blocks.0.res.0.conv1.weight'")
+    widths = tuple(shape(f"encoder.conv_blocks.{i}.res.0.conv1.weight")[0] for i in range(levels))
+
+    def has_attention(side: str, level: int) -> bool:
+        return any(key.startswith(f"{side}.conv_blocks.{level}.attn.") for key in state_dict)
+
+    codes, code_dim = shape("quantize.embedding.weight")
+    return llamagen_vq_config(
+        in_channels=shape("encoder.conv_in.weight")[1],
+        out_channels=shape("decoder.conv_out.weight")[0],
+        block_out_channels=widths,
+        layers_per_block=1 + max(layer for level, layer in found if level == 0),
+        down_block_types=tuple(
+            "AttnDownEncoderBlock2D" if has_attention("encoder", i) else "DownEncoderBlock2D"
+            for i in range(levels)
+        ),
+        up_block_types=tuple(
+            "AttnUpDecoderBlock2D" if has_attention("decoder", i) else "UpDecoderBlock2D"
+            for i in range(levels)
+        ),
+        latent_channels=shape("encoder.conv_out.weight")[0],
+        num_vq_embeddings=codes,
+        vq_embed_dim=code_dim,
+        mid_block_add_attention="encoder.mid.1.q.weight" in state_dict,
+        sample_size=grid_side * 2 ** (levels - 1),
+    )
+
+
+def check_pipeline_folder(
+    folder: str | os.PathLike, variant: str | None = None, skip: tuple[str, ...] = ()
+) -> None:
+    """Raise a ValueError naming the file and key when a saved pipeline's weights do not fit its
+    configs (missing, unexpected or mis-shaped tensors) or its tokenizer does not fit its model.
+
+    Loaders would otherwise initialise missing weights at random with only a warning. Components
+    named in ``skip`` (passed in by the caller instead of loaded) are not checked."""
+    folder = Path(folder)
+    configs = {}
+    for component, weights_name in COMPONENT_WEIGHTS.items():
+        if component in skip:
+            continue
+        config_path = folder / component / "config.json"
+        configs[component] = _read_json(config_path)
+        with torch.device("meta"):
+            if component == "aim":
+                model = AiMForImageGeneration(AiMConfig.from_dict(configs[component]))
+                tied = set(model._tied_weights_keys) if model.config.tie_word_embeddings else set()
+            else:
+                model = VQModel.from_config(configs[component])
+                tied = set()
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+        if variant:
+            weights_name = weights_name.replace(".safetensors", f".{variant}.safetensors")
+        _check_stored_shapes(folder / component / weights_name, expected)
+    if not skip:
+        check_codebook(
+            configs["vqvae"]["num_vq_embeddings"],
+            configs["aim"]["vocab_size"],
+            f"{folder / 'vqvae' / 'config.json'} (num_vq_embeddings)",
+        )
+
+
+def _check_stored_shapes(weights: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    stored = _stored_shapes(weights)
+    for key, shape in expected.items():
+        if key not in stored:
+            raise ValueError(f"{weights}: missing key {key!r}")
+        if stored[key] != shape:
+            raise ValueError(f"{weights}: {key!r} has shape {stored[key]}, expected {shape}")
+    unexpected = sorted(set(stored) - set(expected))
+    if unexpected:
+        raise ValueError(
+            f"{weights}: unexpected key {unexpected[0]!r}" + (" and more" if len(unexpected) > 1 else "")
+        )
+
+
+def _stored_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a safetensors file, or of the shards its .index.json lists, from the headers."""
+    index = weights.with_name(weights.name + ".index.json")
+    if weights.is_file():
+        files = [weights]
+    elif index.is_file():
+        files = sorted({weights.with_name(f) for f in _read_json(index).get("weight_map", {}).values()})
+    else:
+        raise FileNotFoundError(f"no weights at {weights} (pipelines are saved as safetensors)")
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"could not read {path}: {err}") from err
+    return shapes
+
+
+def _tokenizer_part(weights: Path) -> dict[str, torch.Tensor]:
+    """The "vqvae." tensors of an original hub-mixin safetensors file, without the prefix."""
+    with safe_open(str(weights), framework="pt") as f:
+        return {k[len(_VQ_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(_VQ_PREFIX)}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing {path}") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not read {path} as JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return value

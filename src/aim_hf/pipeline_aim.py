@@ -1,0 +1,279 @@
+"""AiMPipeline: class labels (ids or names) in, images out, as a diffusers pipeline.
+
+``aim`` samples the VQ codes of each image, ``vqvae`` decodes them. ``from_pretrained`` also
+reads the original AiM checkpoints (see :mod:`aim_hf.hub`), converting them in memory, and
+``save_pretrained`` writes safetensors and a model card, each file under a temporary name first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, VQModel
+from huggingface_hub import create_repo, upload_folder
+
+from . import hub
+from .labels import IMAGENET_CLASSES, get_label_ids
+from .model_card import make_model_card
+from .modeling_aim import AiMForImageGeneration
+from .tokenizer import decode_codes
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+Labels = str | int | Sequence[str | int] | torch.Tensor
+
+
+class AiMPipeline(DiffusionPipeline):
+    """Class-conditional image generation with AiM.
+
+    Components:
+        aim: the autoregressive model that samples VQ codes from a class.
+        vqvae: the VQ tokenizer whose codebook ``aim`` predicts (``num_vq_embeddings ==
+            aim.config.vocab_size``).
+    """
+
+    model_cpu_offload_seq = "aim->vqvae"
+
+    def __init__(self, aim: AiMForImageGeneration, vqvae: VQModel):
+        super().__init__()
+        hub.check_codebook(vqvae.config.num_vq_embeddings, aim.config.vocab_size, "vqvae")
+        side = math.isqrt(aim.config.num_tokens)
+        if side * side != aim.config.num_tokens:
+            raise ValueError(
+                f"aim.config.num_tokens={aim.config.num_tokens} is not a square grid of codes: the VQ "
+                "decoder needs side x side codes"
+            )
+        self.register_modules(aim=aim, vqvae=vqvae)
+
+    # ---- loading and saving ----
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> AiMPipeline:
+        """A pipeline from a local folder or hub repo (from the hub cache when offline).
+
+        Reads pipelines saved by this package (all of diffusers' ``from_pretrained`` arguments
+        apply, e.g. ``dtype``, ``variant``, or a component such as ``vqvae=`` to replace) and the
+        original AiM checkpoints: hp-l33/aim-base, -large, -xlarge and hp-l33/aim. For the originals
+        the arguments are ``dtype`` (default float32), ``vqvae`` (a ``VQModel`` to use instead of
+        the checkpoint's or LlamaGen's tokenizer), ``model_size`` ("B", "L" or "XL"; hp-l33/aim
+        only, default the largest available) and ``cache_dir``, ``revision``, ``token``,
+        ``local_files_only``, ``force_download``.
+        """
+        location = os.fspath(pretrained_model_name_or_path)
+        hub_args = {k: kwargs[k] for k in hub.HUB_ARGUMENTS if kwargs.get(k) is not None}
+        source = hub.Source(location, **hub_args)
+        if hub.detect_format(source) != "pipeline":
+            return cls._from_original(source, kwargs)
+        if "model_size" in kwargs:
+            raise ValueError(
+                f"model_size only applies to hp-l33/aim's release files; {location} is a pipeline"
+            )
+        folder = location if source.is_local else cls.download(location, **hub_args)
+        passed = tuple(name for name in hub.COMPONENT_WEIGHTS if name in kwargs)
+        hub.check_pipeline_folder(folder, kwargs.get("variant"), skip=passed)
+        rest = {k: v for k, v in kwargs.items() if k not in hub.HUB_ARGUMENTS}
+        return super().from_pretrained(folder, **rest)
+
+    @classmethod
+    def _from_original(cls, source: hub.Source, kwargs: dict) -> AiMPipeline:
+        options = {k: v for k, v in kwargs.items() if k not in hub.HUB_ARGUMENTS}
+        model_size = options.pop("model_size", None)
+        vqvae = options.pop("vqvae", None)
+        dtype, torch_dtype = options.pop("dtype", None), options.pop("torch_dtype", None)
+        dtype = dtype or torch_dtype or torch.float32
+        if options:
+            raise ValueError(
+                f"unsupported arguments for an original AiM checkpoint: {sorted(options)}; allowed: "
+                f"{sorted(['model_size', 'vqvae', 'dtype', 'torch_dtype', *hub.HUB_ARGUMENTS])}"
+            )
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
+        if vqvae is not None and not isinstance(vqvae, VQModel):
+            raise ValueError(f"vqvae must be a diffusers VQModel, got {type(vqvae).__name__}")
+        aim, vqvae = hub.load_original_components(source, model_size, vqvae, dtype)
+        return cls(aim=aim, vqvae=vqvae)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Save the components as safetensors, model_index.json and a model card README.md.
+
+        Everything is written to a temporary folder inside ``save_directory`` and renamed into
+        place, model_index.json last, so no file is ever half-written. ``repo_id`` names the repo
+        in the card's usage snippet (default: ``save_directory``); with ``push_to_hub`` the
+        pipeline is also uploaded there (``kwargs`` go to :meth:`push_to_hub`)."""
+        if not safe_serialization:
+            raise ValueError("AiMPipeline saves safetensors only; safe_serialization=False is not supported")
+        target = Path(save_directory)
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target, prefix=".saving-") as staging:
+            super().save_pretrained(staging, variant=variant, max_shard_size=max_shard_size)
+            card = make_model_card(self, repo_id or os.fspath(save_directory))
+            card.save(os.path.join(staging, "README.md"))
+            _move_into(Path(staging), target, last="model_index.json")
+        if push_to_hub:
+            self.push_to_hub(repo_id or target.name, variant=variant, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+    ) -> str:
+        """Upload the pipeline and its model card (usage snippet loading ``repo_id``) to the hub."""
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(
+                folder, safe_serialization=safe_serialization, variant=variant, repo_id=repo_id
+            )
+            return upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload AiMPipeline",
+                token=token,
+                create_pr=create_pr,
+            )
+
+    # ---- class labels ----
+    @property
+    def class_names(self) -> list[str] | list[list[str]] | None:
+        """One name (or list of synonyms) per class: the model config's ``id2label`` when it names
+        every class, ImageNet-1k's names for 1000 classes, else None (ids only)."""
+        config = self.aim.config
+        id2label = {int(k): v for k, v in (config.id2label or {}).items()}
+        if sorted(id2label) == list(range(config.num_classes)):
+            return [id2label[i] for i in range(config.num_classes)]
+        if config.num_classes == len(IMAGENET_CLASSES):
+            return IMAGENET_CLASSES
+        return None
+
+    def get_label_ids(self, labels: Labels) -> list[int]:
+        """Class ids for class names and/or ids, e.g. ``["golden retriever", 980]`` -> ``[207, 980]``.
+        Unknown names raise a ValueError listing close matches."""
+        if isinstance(labels, torch.Tensor):
+            labels = labels.tolist()
+        names = self.class_names
+        if names is not None:
+            return get_label_ids(labels, names)
+        num_classes = self.aim.config.num_classes
+        try:
+            return get_label_ids(labels, [str(i) for i in range(num_classes)])
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (this model has no class names: num_classes={num_classes} and no id2label in "
+                "its config; pass class ids)"
+            ) from None
+
+    # ---- generation ----
+    @torch.no_grad()
+    def generate_codes(
+        self,
+        class_labels: Labels,
+        num_images_per_label: int = 1,
+        guidance_scale: float | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """The VQ codes (num_images, num_tokens) of the images ``__call__`` would return; the images
+        of one label are next to each other. Shows the progress bar over the decoding steps."""
+        if isinstance(num_images_per_label, bool) or not isinstance(num_images_per_label, int):
+            raise ValueError(f"num_images_per_label must be an integer >= 1, got {num_images_per_label!r}")
+        if num_images_per_label < 1:
+            raise ValueError(f"num_images_per_label must be >= 1, got {num_images_per_label}")
+        ids = self.get_label_ids(class_labels)
+        labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_label)
+        if isinstance(generator, (list, tuple)) and len(generator) != len(labels):
+            raise ValueError(
+                f"got {len(generator)} generators for {len(labels)} images ({len(ids)} labels x "
+                f"num_images_per_label={num_images_per_label}); pass one generator per image or a single one"
+            )
+        with self.progress_bar(total=self.aim.config.num_tokens) as progress:
+            return self.aim.generate(
+                labels,
+                guidance_scale=guidance_scale,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+                callback=lambda _: progress.update(),
+            )
+
+    @torch.no_grad()
+    def decode(
+        self, codes: torch.Tensor, output_type: str = "pil"
+    ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+        """Images of VQ codes (num_images, num_tokens) with pixel values in [0, 1]: a list of PIL
+        images ("pil"), a float array (N, H, W, 3) ("np") or a float tensor (N, 3, H, W) ("pt")."""
+        _check_output_type(output_type)
+        images = (decode_codes(self.vqvae, codes).float() / 2 + 0.5).clamp(0, 1).cpu()
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).numpy()
+        return array if output_type == "np" else self.numpy_to_pil(array)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Labels,
+        num_images_per_label: int = 1,
+        guidance_scale: float | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate ``num_images_per_label`` images for each class label.
+
+        Args:
+            class_labels: class ids and/or names ("golden retriever"), one or a list.
+            num_images_per_label: images per label; those of one label are adjacent.
+            guidance_scale: classifier-free guidance; None uses the model's default
+                (``aim.config.default_guidance_scale``), 1 disables it.
+            temperature, top_k (0 = off), top_p (1 = off): sampling filters.
+            generator: one ``torch.Generator``, or a list with one per image so that each image
+                depends only on its own generator.
+            output_type: "pil", "np" (float (N, H, W, 3) in [0, 1]) or "pt" (float (N, 3, H, W) in [0, 1]).
+            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+        """
+        _check_output_type(output_type)
+        codes = self.generate_codes(
+            class_labels, num_images_per_label, guidance_scale, temperature, top_k, top_p, generator
+        )
+        images = self.decode(codes, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+
+
+def _move_into(staging: Path, target: Path, last: str) -> None:
+    """Rename every file of ``staging`` to the same place under ``target``, ``last`` at the end."""
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.relative_to(staging).as_posix() == last)
+    for path in files:
+        destination = target / path.relative_to(staging)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, destination)
