@@ -1,0 +1,120 @@
+"""Training AiM with ``transformers.Trainer``: the original's weight-decay rule, a tokens-per-second
+log for benchmarks, loading a model to start from, and resizing the class embedding to fine-tune
+on another label set."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from .conversion import load_original
+from .modeling_aim import AiMForImageGeneration
+
+__all__ = [
+    "AiMTrainer",
+    "last_complete_checkpoint",
+    "load_aim",
+    "plain_parameter_name",
+    "resize_class_embedding",
+]
+
+# Name parts that DDP, FSDP1, activation checkpointing and torch.compile insert into parameter names.
+_WRAPPER_PARTS = re.compile(r"(^module\.|_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.|_orig_mod\.)")
+
+
+def plain_parameter_name(name: str) -> str:
+    """A parameter's name in the unwrapped model."""
+    return _WRAPPER_PARTS.sub("", name)
+
+
+class AiMTrainer(Trainer):
+    """``Trainer`` with AiM's weight-decay rule and a ``tokens_per_second`` entry in its logs.
+
+    AiM (like LlamaGen) decays exactly the parameters with two or more dimensions. Trainer's
+    default rule goes by name and would also decay Mamba's ``A_log`` and ``D`` and ``norm_f``,
+    so the rule is replaced. The matrices are recorded before any wrapping, because FSDP1
+    flattens parameters and only their names survive.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.matrix_names = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
+        self._log_window: tuple[float, int] | None = None
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        return [
+            name for name, _ in model.named_parameters() if plain_parameter_name(name) in self.matrix_names
+        ]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds tokens/s over the steps since the previous training log (from the second log on, so
+        start-up and compilation are left out), counted over all processes."""
+        if "loss" in logs:
+            now, step = time.perf_counter(), self.state.global_step
+            if self._log_window is not None and step > self._log_window[1]:
+                args = self.args
+                samples = (
+                    (step - self._log_window[1]) * args.train_batch_size * args.gradient_accumulation_steps
+                )
+                tokens = samples * args.world_size * self.model.config.num_tokens
+                logs["tokens_per_second"] = tokens / (now - self._log_window[0])
+            self._log_window = (now, step)
+        super().log(logs, start_time)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` that Trainer finished writing (its trainer_state.json is written
+    last), so a run killed while saving resumes from the checkpoint before."""
+    folder = Path(output_dir)
+    steps = [
+        int(p.name.split("-")[1])
+        for p in folder.glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return str(folder / f"checkpoint-{max(steps)}") if steps else None
+
+
+def load_aim(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AiMForImageGeneration:
+    """An AiM model from a folder saved by ``save_pretrained``, a pipeline folder (its AiM
+    component), or an original checkpoint (``aim_b.bin``, a hub-mixin folder; see ``load_original``)."""
+    path = Path(path)
+    index = path / "model_index.json"
+    if index.is_file():
+        components = json.loads(index.read_text())
+        names = [k for k, v in components.items() if isinstance(v, list) and v[-1] == "AiMForImageGeneration"]
+        if not names:
+            raise ValueError(f"{index} names no AiMForImageGeneration component")
+        path = path / names[0]
+    config = path / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("model_type") == "aim":
+        return AiMForImageGeneration.from_pretrained(path, dtype=dtype)
+    if not path.exists():
+        raise FileNotFoundError(f"no AiM model at {path}")
+    return load_original(path, dtype=dtype)
+
+
+@torch.no_grad()
+def resize_class_embedding(model: AiMForImageGeneration, num_classes: int) -> None:
+    """Give ``model`` ``num_classes`` classes, in place, for fine-tuning on another label set.
+
+    Classes present before and after keep their rows, the null (guidance) row moves to the new
+    last index, and new classes start at the mean of the old class rows: an average class, from
+    which each moves away as its own images train it."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    old_classes = model.config.num_classes
+    old = model.model.embed_classes.weight
+    new = nn.Embedding(num_classes + 1, old.shape[1], device=old.device, dtype=old.dtype)
+    kept = min(old_classes, num_classes)
+    new.weight[:kept] = old[:kept]
+    new.weight[kept:num_classes] = old[:old_classes].mean(0)
+    new.weight[num_classes] = old[old_classes]
+    model.model.embed_classes = new
+    model.config.num_classes = num_classes
