@@ -1,0 +1,269 @@
+"""Codes datasets: image views, dataset checks, the collator, and scripts/prepare_codes.py (output equal
+to direct encoding, resumption after a stopped run equal to an uninterrupted one, bad input)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from diffusers import VQModel
+from PIL import Image
+
+from aim_hf.data import (
+    CodesCollator,
+    atomic_path,
+    center_crop,
+    check_codes_dataset,
+    check_image_dataset,
+    image_views,
+    num_classes_of,
+    views_to_tensor,
+)
+from aim_hf.tokenizer import encode_images, llamagen_vq_config
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 8  # a 4x4 grid of codes with the tiny VQ below
+
+
+def load_script(name: str):
+    """A module of scripts/ (not a package), to call its main() in this process."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_vq(folder: Path) -> Path:
+    """A tiny VQModel (2 levels: 8x8 images -> 4x4 codes from a 16-entry codebook) saved with save_pretrained."""
+    torch.manual_seed(0)
+    config = llamagen_vq_config(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=8,
+        num_vq_embeddings=16,
+        vq_embed_dim=4,
+        norm_num_groups=4,
+        sample_size=IMAGE_SIZE,
+    )
+    VQModel(**config).save_pretrained(folder)
+    return folder
+
+
+def make_images(folder: Path, count: int = 12, classes: int = 3) -> Path:
+    """An image dataset (save_to_disk) of class-coloured noisy gradients of assorted sizes."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for i in range(count):
+        label = i % classes
+        h, w = (10, 14, 16)[i % 3], (12, 10, 16)[i % 2]
+        ramp = np.linspace(0, 1, w)[None, :, None]
+        colour = np.eye(3)[label][None, None, :]
+        pixels = 255 * (0.6 * colour * ramp + 0.4 * rng.random((h, w, 3)))
+        images.append(Image.fromarray(pixels.astype(np.uint8)))
+        labels.append(label)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=classes)}
+    )
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(
+        str(folder)
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vq_dir(tmp_path_factory) -> Path:
+    return make_vq(tmp_path_factory.mktemp("vq") / "vq")
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("images") / "images")
+
+
+def prepare_args(images: Path, vq: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--dataset", str(images), "--tokenizer", str(vq), "--output", str(output),
+        "--image-size", str(IMAGE_SIZE), "--shard-size", "5", "--batch-size", "2", "--num-workers", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- views
+
+
+def test_center_crop_resizes_the_short_side_then_takes_the_middle():
+    pixels = np.zeros((32, 64, 3), dtype=np.uint8)
+    pixels[:, 16:48] = 255  # the middle half is white
+    crop = center_crop(Image.fromarray(pixels), 16)
+    assert crop.size == (16, 16)
+    assert np.asarray(crop).min() == 255
+
+
+def test_image_views_count_size_and_mirrors():
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8))
+    for augment, count in (("none", 1), ("flip", 2), ("ten-crop", 10)):
+        views = image_views(image, 8, augment)
+        assert len(views) == count and all(v.size == (8, 8) and v.mode == "RGB" for v in views)
+    plain, mirrored = image_views(image, 8, "flip")
+    assert np.array_equal(np.asarray(mirrored), np.asarray(plain)[:, ::-1])
+    ten = [np.asarray(v) for v in image_views(image, 8, "ten-crop", crop_range=1.5)]
+    large = np.asarray(center_crop(image.convert("RGB"), 12))
+    assert np.array_equal(ten[0], large[:8, :8]) and np.array_equal(ten[3], large[4:, 4:])
+    assert np.array_equal(ten[4], large[2:10, 2:10])
+    # crops 5..9 come from the mirror image: its top-left is the original's top-right, mirrored
+    assert np.array_equal(ten[5], ten[1][:, ::-1])
+    with pytest.raises(ValueError, match="unknown augmentation 'rotate'.*allowed"):
+        image_views(image, 8, "rotate")
+
+
+def test_views_to_tensor_range_and_layout():
+    view = Image.fromarray(np.array([[[0, 255, 0]]], dtype=np.uint8))
+    tensor = views_to_tensor([view])
+    assert tensor.shape == (1, 3, 1, 1)
+    assert tensor.flatten().tolist() == [-1.0, 1.0, -1.0]
+
+
+# ---------------------------------------------------------------- checks and collator
+
+
+def test_check_image_dataset_names_the_missing_or_bad_column(images_dir):
+    dataset = datasets.load_from_disk(str(images_dir))
+    check_image_dataset(dataset, "image", "label")
+    with pytest.raises(ValueError, match=r"no image column 'img'.*\['image', 'label'\].*--image-column"):
+        check_image_dataset(dataset, "img", "label")
+    with pytest.raises(ValueError, match=r"no label column 'class'.*--label-column"):
+        check_image_dataset(dataset, "image", "class")
+    floats = datasets.Dataset.from_dict({"image": dataset["image"][:2], "label": [0.5, 1.0]}).cast_column(
+        "image", datasets.Image()
+    )
+    with pytest.raises(ValueError, match="label column 'label' has type.*float.*allowed: ClassLabel"):
+        check_image_dataset(floats, "image", "label")
+    strings = datasets.Dataset.from_dict({"image": ["a.png"], "label": [0]})
+    with pytest.raises(ValueError, match="image column 'image' has type.*allowed: datasets.Image"):
+        check_image_dataset(strings, "image", "label")
+
+
+def codes_dataset(codes: list[list[int]], labels: list[int]) -> datasets.Dataset:
+    features = datasets.Features(
+        {"codes": datasets.List(datasets.Value("int16")), "label": datasets.Value("int64")}
+    )
+    return datasets.Dataset.from_dict({"codes": codes, "label": labels}, features=features)
+
+
+def test_check_codes_dataset_rejects_each_kind_of_bad_row():
+    good = codes_dataset([[0, 1, 2, 3], [3, 2, 1, 0]], [0, 4])
+    check_codes_dataset(good, num_tokens=4, vocab_size=4, num_classes=5)
+    assert num_classes_of(good) == 5
+    with pytest.raises(ValueError, match="4..4 codes per row; the model takes num_tokens=16"):
+        check_codes_dataset(good, num_tokens=16, vocab_size=4, num_classes=5)
+    with pytest.raises(ValueError, match=r"codes range over \[0, 3\], outside the codebook \[0, 3\)"):
+        check_codes_dataset(good, num_tokens=4, vocab_size=3, num_classes=5)
+    with pytest.raises(ValueError, match=r"labels range over \[0, 4\], outside \[0, num_classes=4\)"):
+        check_codes_dataset(good, num_tokens=4, vocab_size=4, num_classes=4)
+    with pytest.raises(ValueError, match="no codes column 'tokens'"):
+        check_codes_dataset(good, 4, 4, 5, codes_column="tokens")
+    ragged = codes_dataset([[0, 1, 2, 3], [1, 2]], [0, 1])
+    with pytest.raises(ValueError, match="2..4 codes per row"):
+        check_codes_dataset(ragged, num_tokens=4, vocab_size=4, num_classes=5)
+
+
+def test_collator_gives_the_model_inputs():
+    rows = codes_dataset([[0, 1, 2, 3], [3, 2, 1, 0]], [0, 4]).with_format("numpy")
+    batch = CodesCollator()([rows[0], rows[1]])
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].tolist() == [
+        [0, 1, 2, 3],
+        [3, 2, 1, 0],
+    ]
+    assert batch["labels"].tolist() == batch["input_ids"].tolist()
+    assert batch["class_labels"].tolist() == [0, 4]
+
+
+def test_atomic_path_leaves_nothing_on_failure_and_replaces_folders(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    for text in ("first", "second"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "f").write_text(text)
+    assert (target / "f").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# ---------------------------------------------------------------- prepare_codes.py
+
+
+def test_prepare_codes_equals_direct_encoding(tmp_path, vq_dir, images_dir):
+    prepare = load_script("prepare_codes")
+    output = tmp_path / "codes"
+    assert prepare.main(prepare_args(images_dir, vq_dir, output, "--augment", "flip")) == 0
+    codes = datasets.load_from_disk(str(output))
+    images = datasets.load_from_disk(str(images_dir))
+    assert len(codes) == 2 * len(images)
+    assert codes.features["codes"] == datasets.List(datasets.Value("int16"), length=16)
+    assert codes.features["label"] == images.features["label"]
+    assert not output.with_name("codes.work").exists()
+
+    vq = VQModel.from_pretrained(vq_dir).eval()
+    for i in (0, 7, 11):
+        views = image_views(images[i]["image"], IMAGE_SIZE, "flip")
+        expected = encode_images(vq, views_to_tensor(views))
+        assert torch.equal(torch.tensor(codes[2 * i : 2 * i + 2]["codes"]), expected)
+        assert codes[2 * i : 2 * i + 2]["label"] == [images[i]["label"]] * 2
+
+
+def test_prepare_codes_resumes_a_stopped_run_exactly(tmp_path, vq_dir, images_dir):
+    prepare = load_script("prepare_codes")
+    reference = tmp_path / "reference"
+    assert prepare.main(prepare_args(images_dir, vq_dir, reference, "--augment", "ten-crop")) == 0
+
+    # First run: a separate process that stops after one of the three shards, as a job killed by
+    # its time limit would; then the debris of a process killed while writing a shard.
+    output = tmp_path / "codes"
+    args = prepare_args(images_dir, vq_dir, output, "--augment", "ten-crop")
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "prepare_codes.py"), *args, "--max-shards", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    work = tmp_path / "codes.work"
+    assert not output.exists() and sorted(p.name for p in work.glob("shard-*")) == ["shard-000000"]
+    debris = work / ".shard-000001.tmp-999999"
+    debris.mkdir()
+    (debris / "data-00000-of-00001.arrow").write_bytes(b"half a shard")
+
+    with pytest.raises(ValueError, match="other settings.*augment: 'ten-crop' then, 'flip' now"):
+        prepare.main(prepare_args(images_dir, vq_dir, output, "--augment", "flip"))
+    assert prepare.main(args) == 0
+    resumed, expected = datasets.load_from_disk(str(output)), datasets.load_from_disk(str(reference))
+    assert len(resumed) == len(expected) == 120
+    assert resumed["codes"] == expected["codes"] and resumed["label"] == expected["label"]
+    assert not work.exists()
+
+
+def test_prepare_codes_rejects_bad_input_before_work(tmp_path, vq_dir, images_dir):
+    prepare = load_script("prepare_codes")
+    output = tmp_path / "codes"
+    with pytest.raises(ValueError, match="no label column 'class'"):
+        prepare.main(prepare_args(images_dir, vq_dir, output, "--label-column", "class"))
+    with pytest.raises(
+        ValueError, match="--image-size 9 must be a multiple of the tokenizer's downsampling factor 2"
+    ):
+        prepare.main(prepare_args(images_dir, vq_dir, output, "--image-size", "9"))
+    with pytest.raises(FileNotFoundError, match="no VQ tokenizer"):
+        prepare.main(prepare_args(images_dir, tmp_path / "nothing", output))
+    with pytest.raises(SystemExit):
+        prepare.main(prepare_args(images_dir, vq_dir, output, "--shard-size", "0"))
+    assert list(tmp_path.iterdir()) == []
