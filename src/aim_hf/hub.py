@@ -197,7 +197,7 @@ def load_original_components(
             )
             path = llamagen.fetch(LLAMAGEN_VQ_FILE)
             vqvae = load_tokenizer(read_state_dict(path), str(path), aim.config)
-    return aim, vqvae.to(dtype)
+    return aim, vqvae if vqvae.dtype == dtype else vqvae.to(dtype)
 
 
 def load_tokenizer(

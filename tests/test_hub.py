@@ -1,0 +1,446 @@
+"""Loading every checkpoint layout by hub id from an offline hub cache and from folders, the errors of
+mismatched files, the model card and the conversion script. Tiny checkpoints are built here."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import VQModel
+from huggingface_hub import ModelCard, constants
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_pipeline import build_pipeline, one_thread, original_stage2, original_vq, seeded  # noqa: F401
+from test_tokenizer import SMALL_CH, SMALL_CONFIG, SMALL_MULT, SMALL_Z, RefVQ
+
+import aim_hf.pipeline_aim
+from aim_hf import AiMConfig, AiMForImageGeneration, AiMPipeline
+from aim_hf.labels import IMAGENET_CLASSES
+from aim_hf.model_card import make_model_card
+from aim_hf.tokenizer import llamagen_vq_config, load_llamagen_vq
+
+LABELS = [0, 3, 4]
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_original_to_hf.py"
+
+
+# ---------------------------------------------------------------- tiny checkpoints and a hub cache
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty hub cache under tmp_path, offline. huggingface_hub reads its constants when imported,
+    so they are patched as well as the environment."""
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def add_to_cache(cache: Path, repo_id: str, folder: Path) -> None:
+    """Put the files of ``folder`` in the cache as huggingface_hub lays out a download: refs/main
+    names a commit, snapshots/<commit>/ holds the files."""
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    for path in folder.rglob("*"):
+        if path.is_file():
+            target = repo / "snapshots" / commit / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def write_hub_mixin(folder: Path, stage2: dict, vq: dict) -> Path:
+    """hp-l33/aim-* layout: original config.json and one float32 model.safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"mamba.{k}": v for k, v in stage2.items() if k != "lm_head.weight"}
+    tensors.update({f"vqvae.{k}": v for k, v in vq.items()})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+    config = {
+        "d_model": 32, "n_layer": 4, "d_intermediate": 0, "vocab_size": 64, "ssm_cfg": {"layer": "Mamba2"},
+        "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 1,
+        "tie_embeddings": True, "num_classes": 5, "num_tokens": 16, "adaln_group": True, "num_groups": 2,
+        "token_drop": 0.1, "mixer_drop": 0.0, "mlp_drop": 0.0,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def write_llamagen(folder: Path, vq: dict) -> Path:
+    """FoundationVision/LlamaGen's tokenizer file: a pickle of {"model": state_dict}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": vq}, folder / "vq_ds16_c2i.pt")
+    return folder
+
+
+def assert_same_generation(loaded: AiMPipeline, reference: AiMPipeline) -> None:
+    """Same codes for the same seed, and the same decoded images."""
+    for pipe in (loaded, reference):
+        pipe.set_progress_bar_config(disable=True)
+    codes = loaded.generate_codes(LABELS, generator=seeded(3))
+    assert torch.equal(codes, reference.generate_codes(LABELS, generator=seeded(3)))
+    assert torch.equal(loaded.decode(codes, "pt"), reference.decode(codes, "pt"))
+
+
+@pytest.fixture(scope="module")
+def stage2_l() -> dict:
+    return original_stage2(seed=1, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def stage2_b() -> dict:
+    return original_stage2(seed=2, dtype=torch.bfloat16, adaln_group=False)
+
+
+# ---------------------------------------------------------------- each layout by hub id, offline
+
+
+def test_hub_mixin_repo_from_offline_cache(tmp_path, hub_cache):
+    stage2, vq = original_stage2(seed=4), original_vq()
+    add_to_cache(hub_cache, "hp-l33/aim-base", write_hub_mixin(tmp_path / "orig", stage2, vq))
+    loaded = AiMPipeline.from_pretrained("hp-l33/aim-base")
+    assert loaded.aim.config.original_decode_positions and loaded.aim.dtype == torch.float32
+    assert {k: loaded.vqvae.config[k] for k in SMALL_CONFIG} == SMALL_CONFIG  # inferred from the shapes
+    assert_same_generation(loaded, build_pipeline(stage2, vq))
+
+
+def test_release_repo_from_offline_cache(tmp_path, hub_cache, stage2_l, stage2_b):
+    release = tmp_path / "release"
+    release.mkdir()
+    torch.save(stage2_b, release / "aim_b.bin")
+    torch.save({"state_dict": stage2_l}, release / "aim_l.bin")
+    add_to_cache(hub_cache, "hp-l33/aim", release)
+    add_to_cache(hub_cache, "FoundationVision/LlamaGen", write_llamagen(tmp_path / "llamagen", original_vq()))
+
+    largest = AiMPipeline.from_pretrained("hp-l33/aim")  # no XL here: L is the largest available
+    assert largest.aim.config.adaln_groups == 2
+    assert_same_generation(largest, build_pipeline(stage2_l))
+    small = AiMPipeline.from_pretrained("hp-l33/aim", model_size="B")
+    assert small.aim.config.adaln_groups == 4  # per-layer adaLN
+    assert_same_generation(small, build_pipeline(stage2_b))
+
+    with pytest.raises(
+        FileNotFoundError, match=r"aim_xl\.bin is not available; sizes available: \['L', 'B'\]"
+    ):
+        AiMPipeline.from_pretrained("hp-l33/aim", model_size="XL")
+    with pytest.raises(ValueError, match=r"model_size must be one of \['XL', 'L', 'B'\], got 'huge'"):
+        AiMPipeline.from_pretrained("hp-l33/aim", model_size="huge")
+
+
+def test_release_repo_with_given_tokenizer_needs_no_llamagen(tmp_path, hub_cache, stage2_b):
+    release = tmp_path / "release"
+    release.mkdir()
+    torch.save(stage2_b, release / "aim_b.bin")
+    add_to_cache(hub_cache, "hp-l33/aim", release)
+    with pytest.raises(
+        FileNotFoundError, match=r"vq_ds16_c2i\.pt of hub repo FoundationVision/LlamaGen is not"
+    ):
+        AiMPipeline.from_pretrained("hp-l33/aim")
+    vqvae = load_llamagen_vq(original_vq(), SMALL_CONFIG)
+    loaded = AiMPipeline.from_pretrained("hp-l33/aim", vqvae=vqvae, dtype=torch.float64)
+    assert loaded.aim.dtype == torch.float64 and loaded.vqvae is vqvae
+    assert_same_generation(loaded, AiMPipeline(aim=loaded.aim, vqvae=vqvae))
+
+
+def test_saved_pipeline_from_offline_cache(tmp_path, hub_cache):
+    reference = build_pipeline(original_stage2(seed=5))
+    reference.save_pretrained(tmp_path / "saved")
+    add_to_cache(hub_cache, "someone/aim-tiny", tmp_path / "saved")
+    assert_same_generation(AiMPipeline.from_pretrained("someone/aim-tiny"), reference)
+
+
+def test_local_original_folders(tmp_path, stage2_b):
+    stage2, vq = original_stage2(seed=6), original_vq()
+    folder = write_hub_mixin(tmp_path / "mixin", stage2, vq)
+    assert_same_generation(AiMPipeline.from_pretrained(folder), build_pipeline(stage2, vq))
+    release = tmp_path / "release"
+    release.mkdir()
+    torch.save(stage2_b, release / "aim_b.bin")
+    vqvae = load_llamagen_vq(vq, SMALL_CONFIG)
+    assert_same_generation(AiMPipeline.from_pretrained(release, vqvae=vqvae), build_pipeline(stage2_b, vq))
+
+
+def test_nothing_found(tmp_path, hub_cache):
+    with pytest.raises(FileNotFoundError, match=r"no AiM checkpoint found in 'nobody/nothing'.*offline"):
+        AiMPipeline.from_pretrained("nobody/nothing")
+    with pytest.raises(FileNotFoundError, match="no AiM checkpoint found"):
+        AiMPipeline.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="neither a local folder nor a valid hub repo id"):
+        AiMPipeline.from_pretrained(str(tmp_path / "missing" / "folder"))
+
+
+def test_bad_arguments_and_bare_models(tmp_path):
+    folder = write_hub_mixin(tmp_path / "mixin", original_stage2(), original_vq())
+    with pytest.raises(
+        ValueError, match=r"unsupported arguments for an original AiM checkpoint: \['device_map'\]"
+    ):
+        AiMPipeline.from_pretrained(folder, device_map="cpu")
+    with pytest.raises(ValueError, match="model_size='B' only chooses among hp-l33/aim's release files"):
+        AiMPipeline.from_pretrained(folder, model_size="B")
+    with pytest.raises(ValueError, match="vqvae must be a diffusers VQModel"):
+        AiMPipeline.from_pretrained(folder, vqvae="vq.pt")
+    pipe = build_pipeline()
+    pipe.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="model_size only applies"):
+        AiMPipeline.from_pretrained(tmp_path / "saved", model_size="B")
+    with pytest.raises(ValueError, match="is a bare AiMForImageGeneration, not a pipeline"):
+        AiMPipeline.from_pretrained(tmp_path / "saved" / "aim")
+
+
+# ---------------------------------------------------------------- mismatched and corrupt files
+
+
+def _edit_hub_mixin(tmp_path: Path, edit) -> Path:
+    folder = write_hub_mixin(tmp_path / "mixin", original_stage2(), original_vq())
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (
+            lambda t: t.pop("mamba.backbone.layers.1.mixer.D"),
+            r"mixin/model\.safetensors: missing weights for 'model\.layers\.1\.mixer\.D'",
+        ),
+        (
+            lambda t: t.update({"mamba.backbone.norm_f.weight": torch.ones(5)}),
+            r"mixin/model\.safetensors: 'model\.norm_f\.weight' has shape \(5,\), expected \(32,\)",
+        ),
+        (
+            lambda t: t.pop("vqvae.decoder.conv_blocks.1.res.2.norm2.bias"),
+            r"mixin/model\.safetensors: .*missing weights for 'decoder\.up_blocks\.1\.resnets\.2\.norm2\.bias'",
+        ),
+        (
+            lambda t: t.update(
+                {"vqvae.decoder.conv_blocks.0.res.0.conv1.weight": torch.zeros(128, 128, 1, 1)}
+            ),
+            r"mixin/model\.safetensors: 'decoder\.conv_blocks\.0\.res\.0\.conv1\.weight': shape \(128, 128, 1, 1\)",
+        ),
+        (
+            lambda t: t.pop("vqvae.quantize.embedding.weight"),
+            r"mixin/model\.safetensors: missing key 'quantize\.embedding\.weight'",
+        ),
+    ],
+    ids=["stage2-missing", "stage2-shape", "vq-missing", "vq-shape", "vq-no-codebook"],
+)
+def test_mismatched_original_weights_name_file_and_key(tmp_path, edit, match):
+    with pytest.raises(ValueError, match=match):
+        AiMPipeline.from_pretrained(_edit_hub_mixin(tmp_path, edit))
+
+
+def test_codebook_must_match_vocab(tmp_path, hub_cache, stage2_b):
+    torch.manual_seed(0)
+    vq32 = RefVQ(SMALL_CH, SMALL_MULT, SMALL_Z, 32).state_dict()
+    folder = write_hub_mixin(tmp_path / "mixin", original_stage2(), vq32)
+    message = r"'quantize\.embedding\.weight' has 32 codes but the AiM model predicts vocab_size=64"
+    with pytest.raises(ValueError, match=r"mixin/model\.safetensors: " + message):
+        AiMPipeline.from_pretrained(folder)
+    release = tmp_path / "release"
+    release.mkdir()
+    torch.save(stage2_b, release / "aim_b.bin")
+    add_to_cache(hub_cache, "hp-l33/aim", release)
+    add_to_cache(hub_cache, "FoundationVision/LlamaGen", write_llamagen(tmp_path / "llamagen", vq32))
+    with pytest.raises(ValueError, match=r"vq_ds16_c2i\.pt: " + message):
+        AiMPipeline.from_pretrained("hp-l33/aim")
+
+
+def test_corrupt_release_file(tmp_path):
+    (tmp_path / "aim_b.bin").write_bytes(b"not a pickle")
+    vqvae = load_llamagen_vq(original_vq(), SMALL_CONFIG)
+    with pytest.raises(ValueError, match=r"could not read checkpoint .*aim_b\.bin"):
+        AiMPipeline.from_pretrained(tmp_path, vqvae=vqvae)
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    build_pipeline().save_pretrained(tmp_path / "saved")
+    return tmp_path / "saved"
+
+
+def _rewrite(path: Path, edit) -> None:
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_saved_pipeline_missing_key(saved):
+    _rewrite(saved / "aim" / "model.safetensors", lambda t: t.pop("model.norm_f.weight"))
+    with pytest.raises(ValueError, match=r"aim/model\.safetensors: missing key 'model\.norm_f\.weight'"):
+        AiMPipeline.from_pretrained(saved)
+
+
+def test_saved_pipeline_wrong_shape_and_unexpected_key(saved):
+    weights = saved / "vqvae" / "diffusion_pytorch_model.safetensors"
+    _rewrite(weights, lambda t: t.update({"quantize.embedding.weight": torch.zeros(32, 8)}))
+    with pytest.raises(
+        ValueError,
+        match=r"diffusion_pytorch_model\.safetensors: 'quantize\.embedding\.weight' has shape \(32, 8\), expected \(64, 8\)",
+    ):
+        AiMPipeline.from_pretrained(saved)
+    _rewrite(
+        weights, lambda t: t.update({"quantize.embedding.weight": torch.zeros(64, 8), "extra": torch.ones(1)})
+    )
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors: unexpected key 'extra'"):
+        AiMPipeline.from_pretrained(saved)
+
+
+def test_saved_pipeline_with_foreign_tokenizer(saved):
+    shutil.rmtree(saved / "vqvae")
+    VQModel(
+        **llamagen_vq_config(block_out_channels=(32,) * 5, latent_channels=64, num_vq_embeddings=32)
+    ).save_pretrained(saved / "vqvae")
+    with pytest.raises(
+        ValueError, match=r"vqvae/config\.json \(num_vq_embeddings\) has 32 codes .* vocab_size=64"
+    ):
+        AiMPipeline.from_pretrained(saved)
+    # a tokenizer passed in replaces the saved one and is not read
+    assert AiMPipeline.from_pretrained(saved, vqvae=load_llamagen_vq(original_vq(), SMALL_CONFIG))
+
+
+def test_saved_pipeline_truncated_file(saved):
+    weights = saved / "aim" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"could not read .*aim/model\.safetensors"):
+        AiMPipeline.from_pretrained(saved)
+
+
+# ---------------------------------------------------------------- model card
+
+
+def _python_block(text: str) -> str:
+    (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return block
+
+
+def test_model_card_of_a_saved_pipeline(saved, tmp_path, monkeypatch):
+    card = ModelCard.load(saved / "README.md")
+    assert card.data.license == "mit"
+    assert card.data.library_name == "aim-hf"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert {"arxiv:2408.12245", "mamba", "class-conditional"} <= set(card.data.tags)
+    assert card.data.eval_results is None  # not the paper's weights' shape: no FID claimed
+    assert "https://arxiv.org/abs/2408.12245" in card.text
+    snippet = _python_block(card.text)
+    assert f"AiMPipeline.from_pretrained({str(saved)!r})" in snippet
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {})  # the usage snippet works as written
+    assert (tmp_path / "aim.png").is_file()
+
+
+def test_model_card_of_released_weights():
+    with torch.device("meta"):
+        aim = AiMForImageGeneration(AiMConfig.from_preset("AiM-XL", original_decode_positions=True))
+        vqvae = VQModel(**llamagen_vq_config())
+    pipeline = SimpleNamespace(aim=aim, vqvae=vqvae, class_names=IMAGENET_CLASSES)
+    card = make_model_card(pipeline, "someone/aim-xl")
+    card = ModelCard(str(card))  # as the hub parses it
+    (result,) = card.data.eval_results
+    assert (result.metric_type, result.metric_value) == ("FID", 2.56)
+    assert result.dataset_type == "ILSVRC/imagenet-1k" and result.dataset_name == "ImageNet 256x256"
+    assert card.data.model_name == "AiM-XL" and card.data.datasets == ["ILSVRC/imagenet-1k"]
+    assert (
+        "763.3M parameters" in card.text
+        and "256x256 images" in card.text
+        and "hp-l33/aim-xlarge" in card.text
+    )
+    assert "AiMPipeline.from_pretrained('someone/aim-xl')" in card.text and "golden retriever" in card.text
+    # a model of the same shape trained with this package does not claim the paper's FID
+    with torch.device("meta"):
+        pipeline.aim = AiMForImageGeneration(AiMConfig.from_preset("AiM-XL"))
+    assert make_model_card(pipeline, "someone/aim-xl").data.eval_results is None
+
+
+def test_push_to_hub_uploads_pipeline_and_card(monkeypatch):
+    uploaded = {}
+
+    def fake_upload(repo_id, folder_path, **kwargs):
+        root = Path(folder_path)
+        uploaded.update(
+            {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        )
+        uploaded["repo_id"] = repo_id
+        return "https://huggingface.co/someone/aim-tiny/commit/0"
+
+    monkeypatch.setattr(
+        aim_hf.pipeline_aim, "create_repo", lambda repo_id, **_: SimpleNamespace(repo_id=repo_id)
+    )
+    monkeypatch.setattr(aim_hf.pipeline_aim, "upload_folder", fake_upload)
+    assert build_pipeline().push_to_hub("someone/aim-tiny").endswith("/commit/0")
+    assert uploaded["repo_id"] == "someone/aim-tiny"
+    assert {"model_index.json", "aim/model.safetensors", "vqvae/diffusion_pytorch_model.safetensors"} <= set(
+        uploaded
+    )
+    assert "AiMPipeline.from_pretrained('someone/aim-tiny')" in uploaded["README.md"].decode()
+
+
+# ---------------------------------------------------------------- conversion script
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("convert_original_to_hf", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_converts_hub_repo(tmp_path, hub_cache, script, capsys):
+    stage2, vq = original_stage2(seed=8), original_vq()
+    add_to_cache(hub_cache, "hp-l33/aim-large", write_hub_mixin(tmp_path / "orig", stage2, vq))
+    out = tmp_path / "converted"
+    assert script.main(["hp-l33/aim-large", str(out)]) == 0
+    assert "max relative error 0.000e+00" in capsys.readouterr().out
+    assert (out / "README.md").is_file() and not list(out.rglob("*.bin"))
+    assert_same_generation(AiMPipeline.from_pretrained(out), build_pipeline(stage2, vq))
+
+
+def test_script_release_in_bfloat16_and_push(tmp_path, script, capsys, monkeypatch, stage2_l):
+    release = tmp_path / "release"
+    release.mkdir()
+    torch.save(stage2_l, release / "aim_l.bin")
+    torch.save(original_stage2(seed=2, adaln_group=False), release / "aim_b.bin")  # float32: bf16 rounds it
+    vq_file = write_llamagen(tmp_path / "llamagen", original_vq()) / "vq_ds16_c2i.pt"
+    pushed = {}
+    monkeypatch.setattr(script, "create_repo", lambda repo_id, **_: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(script, "upload_folder", lambda **kwargs: pushed.update(kwargs))
+    out = tmp_path / "converted"
+    argv = [str(release), str(out), "--model-size", "B", "--vq", str(vq_file), "--dtype", "bfloat16"]
+    assert script.main([*argv, "--push-to-hub", "someone/aim-b"]) == 0
+    error = float(re.search(r"max relative error (\S+)", capsys.readouterr().out).group(1))
+    assert 0 < error < 5e-2  # float32 logits of bfloat16 weights
+    with safe_open(str(out / "aim" / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.norm_f.weight").dtype == torch.bfloat16
+    assert pushed["repo_id"] == "someone/aim-b" and Path(pushed["folder_path"]) == out
+    assert "from_pretrained('someone/aim-b')" in (out / "README.md").read_text()
+    assert AiMPipeline.from_pretrained(out).aim.config.adaln_groups == 4  # B, not the larger L
+    assert script.main([*argv, "--tolerance", "1e-9"]) == 1
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["{saved}", "{out}"], "is already a converted pipeline"),
+        (["{tmp}/nothing-here", "{out}"], "neither a local folder nor a valid hub repo id"),
+        (["{tmp}", "{out}", "--model-size", "M"], "invalid choice: 'M'"),
+        (["{tmp}", "{out}", "--tolerance", "-1"], "--tolerance must be > 0"),
+    ],
+)
+def test_script_errors(tmp_path, saved, script, capsys, argv, message):
+    argv = [a.format(saved=saved, out=tmp_path / "out", tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
