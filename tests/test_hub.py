@@ -310,6 +310,13 @@ def test_saved_pipeline_with_foreign_tokenizer(saved):
     assert AiMPipeline.from_pretrained(saved, vqvae=load_llamagen_vq(original_vq(), SMALL_CONFIG))
 
 
+def test_saved_pipeline_bad_config(saved):
+    config_path = saved / "aim" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "adaln_groups": 3}))
+    with pytest.raises(ValueError, match=r"aim/config\.json: AiMConfig\.adaln_groups=3 must divide"):
+        AiMPipeline.from_pretrained(saved)
+
+
 def test_saved_pipeline_truncated_file(saved):
     weights = saved / "aim" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])

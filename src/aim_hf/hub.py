@@ -200,19 +200,12 @@ def load_original_components(
     return aim, vqvae if vqvae.dtype == dtype else vqvae.to(dtype)
 
 
-def load_tokenizer(
-    state_dict: Mapping[str, torch.Tensor], name: str, aim_config: AiMConfig | None = None
-) -> VQModel:
-    """A LlamaGen VQ tokenizer as a ``VQModel`` whose config is read from the weights' shapes.
-
-    ``name`` (the file) prefixes every error. With ``aim_config`` the codebook must have the
-    model's ``vocab_size`` codes, and the image size is set from its ``num_tokens`` grid."""
-    side = math.isqrt(aim_config.num_tokens) if aim_config is not None else 16
-    config = infer_llamagen_vq_config(state_dict, name, grid_side=side)
-    if aim_config is not None:
-        check_codebook(
-            config["num_vq_embeddings"], aim_config.vocab_size, f"{name}: 'quantize.embedding.weight'"
-        )
+def load_tokenizer(state_dict: Mapping[str, torch.Tensor], name: str, aim_config: AiMConfig) -> VQModel:
+    """A LlamaGen VQ tokenizer for the model of ``aim_config``, as a ``VQModel`` whose config is read
+    from the weights' shapes. Its codebook must have the model's ``vocab_size`` codes; the image
+    size is set from the ``num_tokens`` grid. ``name`` (the file) prefixes every error."""
+    config = infer_llamagen_vq_config(state_dict, name, grid_side=math.isqrt(aim_config.num_tokens))
+    check_codebook(config["num_vq_embeddings"], aim_config.vocab_size, f"{name}: 'quantize.embedding.weight'")
     try:
         return load_llamagen_vq(dict(state_dict), config)
     except ValueError as err:
@@ -287,13 +280,16 @@ def check_pipeline_folder(
             continue
         config_path = folder / component / "config.json"
         configs[component] = _read_json(config_path)
-        with torch.device("meta"):
-            if component == "aim":
-                model = AiMForImageGeneration(AiMConfig.from_dict(configs[component]))
-                tied = set(model._tied_weights_keys) if model.config.tie_word_embeddings else set()
-            else:
-                model = VQModel.from_config(configs[component])
-                tied = set()
+        try:
+            with torch.device("meta"):
+                if component == "aim":
+                    model = AiMForImageGeneration(AiMConfig.from_dict(configs[component]))
+                    tied = set(model._tied_weights_keys) if model.config.tie_word_embeddings else set()
+                else:
+                    model = VQModel.from_config(configs[component])
+                    tied = set()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{config_path}: {err}") from err
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
         if variant:
             weights_name = weights_name.replace(".safetensors", f".{variant}.safetensors")
