@@ -119,23 +119,18 @@ class Source:
 
 
 def detect_format(source: Source) -> str:
-    """ "pipeline", "hub-mixin" or "release": which layout ``source`` holds."""
+    """Which layout ``source`` holds: "pipeline", "hub-mixin" or "release"."""
     if source.has(PIPELINE_INDEX):
         return "pipeline"
     if any(source.has(name) for name in RELEASE_FILES.values()):
         return "release"
-    if source.has("config.json"):
-        config = _read_json(source.fetch("config.json"))
-        if "d_model" in config:
-            return "hub-mixin"
-        if config.get("model_type") == "aim":
+    if all(source.has(name) for name in HUB_MIXIN_FILES):
+        if _read_json(source.fetch("config.json")).get("model_type") == "aim":
             raise ValueError(
                 f"{source.describe('config.json')} is a bare AiMForImageGeneration, not a pipeline: load it "
                 "with AiMForImageGeneration.from_pretrained and pass it to AiMPipeline(aim=..., vqvae=...)"
             )
-        raise ValueError(
-            f"{source.describe('config.json')} is not an original AiM config (it has no 'd_model')"
-        )
+        return "hub-mixin"  # the original config's fields are checked against the weights on loading
     raise FileNotFoundError(
         f"no AiM checkpoint found in {source.location!r}: looked for {PIPELINE_INDEX} (a saved pipeline), "
         f"{' + '.join(HUB_MIXIN_FILES)} (hp-l33/aim-base, -large, -xlarge) and "
