@@ -21,7 +21,7 @@ import datasets
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from aim_hf import PRESETS, AiMConfig, AiMForImageGeneration
-from aim_hf.data import CodesCollator, atomic_path, check_codes_dataset, num_classes_of
+from aim_hf.data import CodesCollator, atomic_path, check_codes_dataset, num_classes_of, require_column
 from aim_hf.training import AiMTrainer, last_complete_checkpoint, load_aim, resize_class_embedding
 
 AIM_DEFAULTS = {
@@ -101,10 +101,12 @@ def build_model(script: ScriptArguments, train: datasets.Dataset) -> AiMForImage
     return model.train()
 
 
-def load_codes(path: str) -> datasets.Dataset:
+def load_codes(path: str, script: ScriptArguments) -> datasets.Dataset:
     dataset = datasets.load_from_disk(path)
     if isinstance(dataset, datasets.DatasetDict):
         raise ValueError(f"{path} holds splits {sorted(dataset)}; pass the folder of one split")
+    require_column(dataset, script.codes_column, "codes", "--codes_column")
+    require_column(dataset, script.label_column, "label", "--label_column")
     return dataset
 
 
@@ -124,12 +126,12 @@ def model_inputs(dataset: datasets.Dataset, script: ScriptArguments, config: AiM
 def main(argv: list[str] | None = None) -> AiMTrainer:
     script, args = parse_args(argv)
     set_seed(args.seed)  # the initial weights
-    train = load_codes(script.dataset)
+    train = load_codes(script.dataset, script)
     model = build_model(script, train)
     train = model_inputs(train, script, model.config)
     evaluation = None
     if script.eval_dataset is not None:
-        evaluation = model_inputs(load_codes(script.eval_dataset), script, model.config)
+        evaluation = model_inputs(load_codes(script.eval_dataset, script), script, model.config)
     trainer = AiMTrainer(
         model=model,
         args=args,

@@ -36,6 +36,7 @@ __all__ = [
     "load_vq",
     "num_classes_of",
     "remove_temporaries",
+    "require_column",
     "views_to_tensor",
 ]
 
@@ -87,11 +88,13 @@ def views_to_tensor(views: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def _missing_column(dataset: datasets.Dataset, column: str, role: str, flag: str) -> ValueError:
-    return ValueError(
-        f"the dataset has no {role} column {column!r} (columns: {dataset.column_names}); "
-        f"name the right one with {flag}"
-    )
+def require_column(dataset: datasets.Dataset, column: str, role: str, flag: str) -> None:
+    """Raise a ValueError naming the missing column, the columns there are and the flag to set."""
+    if column not in dataset.column_names:
+        raise ValueError(
+            f"the dataset has no {role} column {column!r} (columns: {dataset.column_names}); "
+            f"name the right one with {flag}"
+        )
 
 
 def _check_label_feature(dataset: datasets.Dataset, label_column: str) -> None:
@@ -106,12 +109,8 @@ def _check_label_feature(dataset: datasets.Dataset, label_column: str) -> None:
 
 def check_image_dataset(dataset: datasets.Dataset, image_column: str, label_column: str) -> None:
     """Raise a ValueError unless ``dataset`` has an image column and an integer label column."""
-    for column, role, flag in (
-        (image_column, "image", "--image-column"),
-        (label_column, "label", "--label-column"),
-    ):
-        if column not in dataset.column_names:
-            raise _missing_column(dataset, column, role, flag)
+    require_column(dataset, image_column, "image", "--image-column")
+    require_column(dataset, label_column, "label", "--label-column")
     if not isinstance(dataset.features[image_column], datasets.Image):
         raise ValueError(
             f"image column {image_column!r} has type {dataset.features[image_column]}; allowed: datasets.Image"
@@ -139,12 +138,8 @@ def check_codes_dataset(
 ) -> None:
     """Raise a ValueError unless every row holds ``num_tokens`` codes in [0, vocab_size) and a label
     in [0, num_classes); checked on the Arrow columns, so it takes seconds even for ImageNet."""
-    for column, role, flag in (
-        (codes_column, "codes", "--codes_column"),
-        (label_column, "label", "--label_column"),
-    ):
-        if column not in dataset.column_names:
-            raise _missing_column(dataset, column, role, flag)
+    require_column(dataset, codes_column, "codes", "--codes_column")
+    require_column(dataset, label_column, "label", "--label_column")
     if len(dataset) == 0:
         raise ValueError("the codes dataset has no rows")
     _check_label_feature(dataset, label_column)

@@ -1,0 +1,247 @@
+"""Images -> codes -> training -> sampling on CPU with a tiny VQ and a tiny AiM: the loss falls,
+resuming from a checkpoint repeats the uninterrupted run exactly, fine-tuning resizes the class
+embedding, the optimizer decays exactly the >= 2-D weights, and sample_fid.py writes the ADM .npz,
+resumes per image and hands torch-fidelity the right inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+from test_data import IMAGE_SIZE, load_script, make_images, make_vq, one_thread, prepare_args  # noqa: F401
+
+from aim_hf import AiMForImageGeneration
+from aim_hf.training import AiMTrainer, last_complete_checkpoint, plain_parameter_name, resize_class_embedding
+
+train_script = load_script("train")
+sample_script = load_script("sample_fid")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny VQ, 12 images of 3 classes, their codes with flips (24 rows) and a tiny model config."""
+    root = tmp_path_factory.mktemp("e2e")
+    vq, images = make_vq(root / "vq"), make_images(root / "images")
+    assert (
+        load_script("prepare_codes").main(prepare_args(images, vq, root / "codes", "--augment", "flip")) == 0
+    )
+    tiny_config(vocab_size=16, class_dropout_prob=0.1).to_json_file(root / "tiny.json")
+    return root
+
+
+def train_args(root: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--dataset", str(root / "codes"), "--config", str(root / "tiny.json"), "--output_dir", str(output),
+        "--max_steps", "20", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--learning_rate", "3e-3", "--logging_steps", "1", "--save_steps", "10", "--seed", "3",
+        "--use_cpu", "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+def without_config(args: list[str]) -> list[str]:
+    i = args.index("--config")
+    return args[:i] + args[i + 2 :]
+
+
+def losses(log_history: list[dict], after: int = 0) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in log_history if "loss" in e and e["step"] > after]
+
+
+@pytest.fixture(scope="module")
+def trained(workdir) -> list[dict]:
+    """20 optimizer steps (2 micro-batches each, label dropout 0.1), checkpoints at 10 and 20."""
+    return train_script.main(train_args(workdir, workdir / "run")).state.log_history
+
+
+def test_loss_falls_and_throughput_is_logged(workdir, trained):
+    values = [loss for _, loss in losses(trained)]
+    assert len(values) == 20
+    assert np.mean(values[-5:]) < np.mean(values[:5]) - 0.2
+    speeds = [e["tokens_per_second"] for e in trained if "tokens_per_second" in e]
+    assert len(speeds) == 19 and min(speeds) > 0  # every training log after the first
+    config = json.loads((workdir / "run" / "model" / "config.json").read_text())
+    assert (config["num_classes"], config["num_tokens"], config["vocab_size"]) == (3, 16, 16)
+
+
+def test_resume_repeats_the_uninterrupted_run(workdir, trained):
+    """A run killed after checkpoint-10 (and while writing checkpoint-15) and resumed with
+    --resume_from_checkpoint latest gives the same losses and weights: same batches, same label dropout."""
+    output = workdir / "resumed"
+    shutil.copytree(workdir / "run" / "checkpoint-10", output / "checkpoint-10")
+    (output / "checkpoint-15").mkdir()
+    (output / "checkpoint-15" / "model.safetensors").write_bytes(b"half written")
+    assert last_complete_checkpoint(output) == str(output / "checkpoint-10")
+
+    trainer = train_script.main(train_args(workdir, output, "--resume_from_checkpoint", "latest"))
+    assert losses(trainer.state.log_history, after=10) == losses(trained, after=10)
+    before, after = (load_file(workdir / run / "model" / "model.safetensors") for run in ("run", "resumed"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_activation_checkpointing_gives_the_same_steps(workdir, trained):
+    output = workdir / "checkpointed"
+    args = train_args(workdir, output, "--activation_checkpointing", "--save_strategy", "no")
+    args[args.index("--max_steps") + 1] = "2"
+    got = losses(train_script.main(args).state.log_history)
+    expected = losses(trained)[:2]
+    assert [s for s, _ in got] == [1, 2] and np.allclose(
+        [v for _, v in got], [v for _, v in expected], atol=1e-5
+    )
+
+
+def test_finetune_from_saved_model_to_more_classes(workdir, trained):
+    """--init_from with --num_classes 5: old rows kept, null row moved, new rows at the mean (a
+    zero learning rate leaves the resized embedding as it was initialised)."""
+    output = workdir / "finetuned"
+    args = train_args(workdir, output, "--init_from", str(workdir / "run" / "model"), "--num_classes", "5")
+    args[args.index("--max_steps") + 1], args[args.index("--learning_rate") + 1] = "1", "0"
+    train_script.main(args)
+    old = load_file(workdir / "run" / "model" / "model.safetensors")["model.embed_classes.weight"]
+    new = load_file(output / "model" / "model.safetensors")["model.embed_classes.weight"]
+    assert new.shape == (6, old.shape[1])
+    assert torch.equal(new[:3], old[:3]) and torch.equal(new[5], old[3])
+    assert torch.allclose(new[3], old[:3].mean(0)) and torch.allclose(new[4], old[:3].mean(0))
+    assert json.loads((output / "model" / "config.json").read_text())["num_classes"] == 5
+
+
+def test_resize_class_embedding_shrinks_and_keeps_the_null_row():
+    model = AiMForImageGeneration(tiny_config())
+    old = model.model.embed_classes.weight.detach().clone()
+    resize_class_embedding(model, 2)
+    assert model.config.num_classes == 2 and model.config.null_class == 2
+    assert torch.equal(model.model.embed_classes.weight[:2], old[:2])
+    assert torch.equal(model.model.embed_classes.weight[2], old[5])
+    model(torch.zeros(1, 16, dtype=torch.long), torch.tensor([1]))  # the resized model runs
+    with pytest.raises(ValueError, match="class label 2 is outside"):
+        model.generate([2])
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+        resize_class_embedding(model, 0)
+
+
+def test_weight_decay_applies_to_exactly_the_matrices(tmp_path):
+    _, args = train_script.parse_args(
+        ["--dataset", str(tmp_path), "--output_dir", str(tmp_path), "--use_cpu"]
+    )
+    assert (args.adam_beta1, args.adam_beta2, args.weight_decay) == (0.9, 0.95, 0.05)
+    model = AiMForImageGeneration(tiny_config())
+    optimizer = AiMTrainer(model=model, args=args).create_optimizer()
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    plain = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert decayed == {id(p) for p in params.values() if p.dim() >= 2}
+    assert plain == {id(p) for p in params.values() if p.dim() < 2}
+    # Trainer's name-based default would decay these vectors and spare none of the matrices listed
+    assert {
+        id(params[n]) for n in ("model.layers.0.mixer.A_log", "model.layers.0.mixer.D", "model.norm_f.weight")
+    } <= plain
+    assert (
+        id(params["model.layers.0.adaln_table"]) in decayed
+        and id(params["model.embed_classes.weight"]) in decayed
+    )
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    assert plain_parameter_name(
+        "module._fsdp_wrapped_module.model.layers.0._checkpoint_wrapped_module.norm.weight"
+    ) == ("model.layers.0.norm.weight")
+
+
+def test_train_rejects_bad_input_before_training(workdir, tmp_path):
+    output = tmp_path / "run"
+    with pytest.raises(ValueError, match="no codes column 'tokens'.*--codes_column"):
+        train_script.main(train_args(workdir, output, "--codes_column", "tokens"))
+    small = tmp_path / "small.json"
+    tiny_config(vocab_size=8).to_json_file(small)
+    with pytest.raises(ValueError, match=r"outside the codebook \[0, 8\)"):
+        train_script.main(train_args(workdir, output, "--config", str(small)))
+    with pytest.raises(ValueError, match=r"labels range over \[0, 2\], outside \[0, num_classes=2\)"):
+        train_script.main(train_args(workdir, output, "--num_classes", "2"))
+    with pytest.raises(ValueError, match="unknown --preset 'AiM-XXL'; allowed"):
+        train_script.main(without_config(train_args(workdir, output, "--preset", "AiM-XXL")))
+    with pytest.raises(FileNotFoundError, match="--init_from .*nowhere does not exist"):
+        train_script.main(train_args(workdir, output, "--init_from", str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="--remove_unused_columns must stay False"):
+        train_script.main(train_args(workdir, output, "--remove_unused_columns", "true"))
+    assert not output.exists()
+
+
+# ---------------------------------------------------------------- sample_fid.py
+
+
+def sample_args(root: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(root / "run" / "model"), "--vqvae", str(root / "vq"), "--output", str(root / "samples"),
+        "--num-images", "5", "--batch-size", "2", "--base-seed", "7", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sampled(workdir, trained) -> Path:
+    assert sample_script.main(sample_args(workdir)) == {}
+    return workdir / "samples"
+
+
+def test_samples_npz_and_per_image_resume(sampled):
+    archive = np.load(sampled.with_name("samples.npz"))
+    assert list(archive.keys()) == ["arr_0"]
+    images = archive["arr_0"]
+    assert images.shape == (5, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
+    pngs = sorted(p.name for p in sampled.glob("*.png"))
+    assert pngs == [f"{i:06d}.png" for i in range(5)]
+
+    # Lose two images (as a killed run would), resample with another batch split: same images.
+    kept = {i: (sampled / f"{i:06d}.png").read_bytes() for i in (1, 3)}
+    for i in kept:
+        (sampled / f"{i:06d}.png").unlink()
+    (sampled / ".000004.png.tmp-999999").write_bytes(b"half a png")
+    sample_script.main(sample_args(sampled.parent, "--batch-size", "3"))
+    assert all((sampled / f"{i:06d}.png").read_bytes() == data for i, data in kept.items())
+    assert np.array_equal(np.load(sampled.with_name("samples.npz"))["arr_0"], images)
+    assert not list(sampled.glob(".*"))
+    with pytest.raises(ValueError, match="other settings.*top_k: 0 then, 5 now"):
+        sample_script.main(sample_args(sampled.parent, "--top-k", "5"))
+
+
+def test_metrics_use_local_weights_and_the_reference(sampled, tmp_path, monkeypatch):
+    calls = []
+
+    def calculate_metrics(**kwargs):
+        calls.append(kwargs)
+        return {"inception_score_mean": 1.5, "frechet_inception_distance": 12.0}
+
+    monkeypatch.setitem(
+        sys.modules, "torch_fidelity", types.SimpleNamespace(calculate_metrics=calculate_metrics)
+    )
+    weights, reference = tmp_path / "inception.pth", tmp_path / "ref.npz"
+    weights.write_bytes(b"weights")
+    np.savez(reference, arr_0=np.full((3, 16, 16, 3), 9, dtype=np.uint8))
+    extra = ("--inception-weights", str(weights), "--reference", str(reference))
+    metrics = sample_script.main(sample_args(sampled.parent, *extra))
+
+    assert metrics["frechet_inception_distance"] == 12.0
+    assert json.loads((sampled / "metrics.json").read_text()) == metrics
+    (call,) = calls
+    assert call["feature_extractor_weights_path"] == str(weights) and call["datasets_download"] is False
+    assert call["isc"] and call["fid"] and call["cache"] is False
+    generated, ref = call["input1"], call["input2"]
+    assert len(generated) == 5 and generated[0].dtype == torch.uint8 and generated[0].shape == (3, 8, 8)
+    assert torch.equal(
+        generated[2].permute(1, 2, 0), torch.from_numpy(np.load(sampled.with_name("samples.npz"))["arr_0"][2])
+    )
+    assert len(ref) == 3 and ref[0].shape == (3, 16, 16) and int(ref[0][0, 0, 0]) == 9
+
+
+def test_sample_fid_rejects_bad_arguments_before_sampling(workdir, tmp_path):
+    with pytest.raises(SystemExit):
+        sample_script.main(sample_args(workdir, "--num-images", "0"))
+    with pytest.raises(SystemExit):
+        sample_script.main(sample_args(workdir, "--reference", str(tmp_path)))  # no --inception-weights
+    with pytest.raises(ValueError, match="top_p must be in"):
+        sample_script.main(sample_args(workdir, "--top-p", "1.5", "--output", str(tmp_path / "s")))
+    assert not (tmp_path / "s").exists()
