@@ -11,20 +11,19 @@ across calls, so only the first call pays for compilation and capture.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
-from .modeling_aim import AiMCache, AiMForImageGeneration
+from .modeling_aim import AiMCache, AiMForImageGeneration, block_step
 from .sampling import filter_logits, guide, sample_inverse_cdf
 
 
-def compile_blocks(model: AiMForImageGeneration) -> None:
-    """Compile each block once (regional compilation: the layers reuse one compiled graph)."""
-    if not getattr(model, "_blocks_compiled", False):
-        for layer in model.model.layers:
-            layer.compile(fullgraph=True, dynamic=False)
-        model._blocks_compiled = True
+@functools.cache
+def compiled_block_step() -> Callable:
+    """``block_step`` compiled once; the layers share code and shapes, so they share the result."""
+    return torch.compile(block_step, fullgraph=True, dynamic=False)
 
 
 class CUDAGraphDecoder:
@@ -73,7 +72,7 @@ class CUDAGraphDecoder:
         token = self.codes.index_select(1, self.t.view(1)).squeeze(1)
         token = token.repeat(2) if self.guided else token
         position = (self.t + self.offset).expand(token.shape[0])
-        hidden = model.model.step(token, position, self.groups, self.final, self.cache)
+        hidden = model.model.step(token, position, self.groups, self.final, self.cache, compiled_block_step())
         logits = model.lm_head(hidden.to(model.lm_head.weight.dtype))
         nxt = (self.t + 1).view(1)
         code = self.sample(logits, self.uniforms.index_select(1, nxt).squeeze(1))
@@ -81,7 +80,6 @@ class CUDAGraphDecoder:
         self.t.add_(1)
 
     def capture(self) -> None:
-        compile_blocks(self.model)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

@@ -104,6 +104,18 @@ class AiMBlock(GradientCheckpointingLayer):
         return gate * hidden_states, residual
 
 
+def block_step(
+    layer: AiMBlock,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor | None,
+    modulation: torch.Tensor,
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block's decoding step, as a plain function so that one compiled copy serves every layer."""
+    return layer(hidden_states, residual, modulation, conv_state, ssm_state, step=True)
+
+
 class AiMPreTrainedModel(PreTrainedModel):
     config_class = AiMConfig
     config: AiMConfig
@@ -207,14 +219,16 @@ class AiMModel(AiMPreTrainedModel):
         groups: torch.Tensor,
         final: torch.Tensor,
         cache: AiMCache,
+        run_block: Callable = block_step,
     ) -> torch.Tensor:
-        """One decoding step: ``token`` (b,) at ``position`` -> hidden state (b, d)."""
+        """One decoding step: ``token`` (b,) at ``position`` -> hidden state (b, d).
+        ``run_block`` runs one block's step (the CUDA-graph decoder passes a compiled one)."""
         hidden_states = self.embed_tokens(token) + self.embed_positions(position)
         residual = None
         for i, layer in enumerate(self.layers):
-            hidden_states, residual = layer(
-                hidden_states, residual, groups[:, i % self.config.adaln_groups],
-                cache.conv_states[i], cache.ssm_states[i], step=True,
+            hidden_states, residual = run_block(
+                layer, hidden_states, residual, groups[:, i % self.config.adaln_groups],
+                cache.conv_states[i], cache.ssm_states[i],
             )  # fmt: skip
         return self.finish(hidden_states, residual, final)
 
