@@ -77,7 +77,10 @@ def main() -> None:
     )
     parser.add_argument("--presets", nargs="+", default=["AiM-B", "AiM-XL"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 64, 256])
-    parser.add_argument("--modes", nargs="+", default=["graph", "eager"], choices=["graph", "eager"])
+    parser.add_argument(
+        "--baseline-batch-sizes", nargs="*", type=int, default=[1, 64],
+        help="batch sizes at which the eager baseline (no CUDA graph) is also timed",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--guidance-scale", type=float, default=2.0)
@@ -103,7 +106,7 @@ def main() -> None:
     for preset in args.presets:
         model = random_model(preset, dtype, args.state_dtype)
         for batch in args.batch_sizes:
-            for mode in args.modes:
+            for mode in ["graph", "eager"] if batch in args.baseline_batch_sizes else ["graph"]:
                 model.config.use_cuda_graphs = mode == "graph"
                 call = (model.generate, list(range(batch)))
                 kwargs = {"guidance_scale": args.guidance_scale}
