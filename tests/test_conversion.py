@@ -125,3 +125,18 @@ def test_bad_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_original(tmp_path / "empty")
+
+
+def test_legacy_names_and_longer_position_table():
+    """Earlier original checkpoints: adaLN_parameters / shared_adaln names, a longer position table."""
+    cfg = ref_config(adaln_group=True, num_groups=2)
+    sd = random_original_state_dict(cfg, seed=6)
+    legacy = {}
+    for key, value in sd.items():
+        key = key.replace("scale_shift_table", "adaLN_parameters").replace("adaln_group", "shared_adaln")
+        legacy[key] = value
+    positions = legacy["backbone.embeddings.position_embeddings.weight"]
+    legacy["backbone.embeddings.position_embeddings.weight"] = torch.cat([positions, torch.randn(8, 32)])
+    model = load_original(legacy, original_config={"num_tokens": 16}, dtype=torch.float64)
+    assert model.config.num_tokens == 16
+    check_same_logits(model, sd, cfg)

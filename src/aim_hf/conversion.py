@@ -74,10 +74,18 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torc
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+# Names used by earlier versions of the original code, which its own loader renamed on the fly.
+_LEGACY_NAMES = (("vq_vae.", "vqvae."), ("shared_adaln", "adaln_group"), ("adaln_single", "adaln_group"),
+                 ("adaLN_parameters", "scale_shift_table"))  # fmt: skip
+
+
 def split_original(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(stage-2 weights without the "mamba." prefix, tokenizer weights without "vqvae.")."""
+    """(stage-2 weights without the "mamba." prefix, tokenizer weights without "vqvae."), with
+    the original's legacy parameter names brought up to date."""
     stage2, vq = {}, {}
     for key, value in state_dict.items():
+        for old, new in _LEGACY_NAMES:
+            key = key.replace(old, new)
         if key.startswith("vqvae."):
             vq[key[len("vqvae.") :]] = value
         else:
@@ -115,6 +123,7 @@ def infer_config(
         raise ValueError(
             f"{source}: found neither 'backbone.adaln_group.1.weight' nor per-layer adaLN weights"
         )
+    positions = _require(sd, "backbone.embeddings.position_embeddings.weight", source)
     nheads = _require(sd, "backbone.layers.0.mixer.A_log", source).shape[0]
     d_inner = _require(sd, "backbone.layers.0.mixer.norm.weight", source).shape[0]
     conv = _require(sd, "backbone.layers.0.mixer.conv1d.weight", source)
@@ -124,7 +133,8 @@ def infer_config(
         "hidden_size": d,
         "num_hidden_layers": n_layer,
         "adaln_groups": groups,
-        "num_tokens": _require(sd, "backbone.embeddings.position_embeddings.weight", source).shape[0] - 1,
+        # older checkpoints carry a longer position table, which the original cut to num_tokens + 1
+        "num_tokens": int(original_config.get("num_tokens", min(positions.shape[0] - 1, 256))),
         "num_classes": _require(sd, "backbone.cls_embed.embedding_table.weight", source).shape[0] - 1,
         "expand": d_inner // d,
         "head_dim": d_inner // nheads,
@@ -181,6 +191,8 @@ def convert_original_state_dict(
                 raise ValueError(f"{source}: unexpected key {key!r}")
         else:
             raise ValueError(f"{source}: unexpected key {key!r}")
+    positions = out["model.embed_positions.weight"]
+    out["model.embed_positions.weight"] = positions[: config.num_tokens + 1]
     if "model.embed_tokens.weight" not in out:
         out["model.embed_tokens.weight"] = _require(sd, "lm_head.weight", source)
     n = config.num_hidden_layers
