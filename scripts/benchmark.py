@@ -58,7 +58,7 @@ def floor_seconds(model: AiMForImageGeneration, rows: int, bandwidth: float) -> 
     weights = sum(p.numel() for p in model.parameters()) - model.model.embed_positions.weight.numel()
     weights -= model.model.embed_classes.weight.numel()
     state = config.num_hidden_layers * config.num_heads * config.head_dim * config.state_size
-    state_bytes = torch.tensor([], dtype=getattr(torch, config.state_dtype)).element_size()
+    state_bytes = getattr(torch, config.state_dtype).itemsize if config.state_dtype else model.dtype.itemsize
     per_step = weights * model.dtype.itemsize + 2 * rows * state * state_bytes
     return (config.num_tokens - 1) * per_step / bandwidth
 
@@ -82,7 +82,9 @@ def main() -> None:
         help="batch sizes at which the eager baseline (no CUDA graph) is also timed",
     )  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--state-dtype", default=None, choices=["float32", "bfloat16"], help="default: the weights'"
+    )
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -116,7 +118,7 @@ def main() -> None:
                 loop = statistics.median(times)
                 row = {
                     "preset": preset, "batch": batch, "mode": mode, "dtype": args.dtype,
-                    "state_dtype": args.state_dtype, "guidance_scale": args.guidance_scale,
+                    "state_dtype": args.state_dtype or args.dtype, "guidance_scale": args.guidance_scale,
                     "first_call_s": first, "token_loop_s": loop, "token_loop_all_s": times,
                     "images_per_s": batch / loop, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
                     "floor_s": floor_seconds(model, batch * (2 if args.guidance_scale != 1 else 1), bandwidth),

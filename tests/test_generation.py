@@ -120,6 +120,17 @@ def test_same_seed_same_codes_and_per_image_generators(tiny_model):
     assert torch.equal(one_gen, tiny_model.generate([1, 2], generator=torch.Generator().manual_seed(0)))
 
 
+def test_chunked_batches_give_the_same_codes(tiny_model):
+    labels = [0, 1, 2, 3, 4]
+    whole = tiny_model.generate(labels, guidance_scale=1.5, generator=torch.Generator().manual_seed(3))
+    chunked = tiny_model.generate(
+        labels, guidance_scale=1.5, generator=torch.Generator().manual_seed(3), max_batch_size=2
+    )
+    assert torch.equal(whole, chunked)
+    with pytest.raises(ValueError, match="max_batch_size must be a positive integer, got 0"):
+        tiny_model.generate(labels, max_batch_size=0)
+
+
 def test_prefix_completion(tiny_model):
     prefix = torch.randint(0, 37, (2, 6))
     out = tiny_model.generate(

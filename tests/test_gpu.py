@@ -106,3 +106,24 @@ def test_graph_decoder_is_reused_and_reproducible(aim_b):
     aim_b.float()
     assert model._graph_decoder is decoder and decoder.graph is graph
     assert torch.equal(first, second)
+
+
+def test_large_batch_is_split_to_fit_memory(aim_b):
+    """With only ~1.5 GiB free, 64 guided AiM-B images (about 2.5 GiB of cache) run in chunks."""
+    model = aim_b
+    model._graph_decoder = None
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(free - int(1.5 * 2**30), dtype=torch.uint8, device="cuda")
+    fits = model.max_batch_size_for(guided=True)
+    assert 1 <= fits < 64
+    gens = [torch.Generator("cuda").manual_seed(i) for i in range(64)]
+    codes = model.generate(list(range(64)), guidance_scale=2.0, generator=gens)
+    assert codes.shape == (64, 256)
+    del hog
+    model._graph_decoder = None
+    first = model.generate(
+        list(range(fits)),
+        guidance_scale=2.0,
+        generator=[torch.Generator("cuda").manual_seed(i) for i in range(fits)],
+    )
+    assert torch.equal(codes[:fits], first)  # the first chunk is exactly a batch of that size

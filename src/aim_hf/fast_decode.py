@@ -22,7 +22,9 @@ from .sampling import filter_logits, guide, sample_inverse_cdf
 
 @functools.cache
 def compiled_block_step() -> Callable:
-    """``block_step`` compiled once; the layers share code and shapes, so they share the result."""
+    """``block_step`` compiled once; the layers share code and shapes, so they share the result.
+    Each batch size, width and dtype is its own specialised graph, hence the higher limit."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(block_step, fullgraph=True, dynamic=False)
 
 

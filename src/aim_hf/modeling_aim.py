@@ -51,9 +51,9 @@ class AiMCache:
 
     def __init__(self, config: AiMConfig, batch_size: int, dtype: torch.dtype, device: torch.device | str):
         mixer_conv_dim = config.intermediate_size + 2 * config.n_groups * config.state_size
-        state_dtype = getattr(torch, config.state_dtype)
-        if dtype == torch.float64:  # references in float64 keep their state in float64
-            state_dtype = torch.float64
+        state_dtype = dtype  # float64 references keep a float64 state whatever the setting
+        if config.state_dtype is not None and dtype != torch.float64:
+            state_dtype = getattr(torch, config.state_dtype)
         n = config.num_hidden_layers
         self.conv_states = torch.zeros(
             n, batch_size, mixer_conv_dim, config.conv_kernel, dtype=dtype, device=device
@@ -334,6 +334,7 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         generator: torch.Generator | list[torch.Generator] | None = None,
         prefix: torch.Tensor | None = None,
         callback: Callable[[int], None] | None = None,
+        max_batch_size: int | None = None,
     ) -> torch.Tensor:
         """Sample the codes (b, num_tokens) of one image per class label.
 
@@ -344,6 +345,9 @@ class AiMForImageGeneration(AiMPreTrainedModel):
             rest of the batch.
         prefix: (b, k) codes to continue (e.g. the top rows of an encoded image).
         callback: called with the index of each code after it is sampled (progress bars).
+        max_batch_size: images decoded at once; larger batches run in chunks, with the same
+            results since every image's uniforms are drawn before the split. Default: on CUDA,
+            what fits in the device's free memory (``max_batch_size_for``); on the CPU, all.
         """
         config = self.config
         guidance_scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
@@ -362,11 +366,33 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         uniforms = draw_uniforms(generator, batch, config.num_tokens - start, device)
         if start == config.num_tokens:
             return prefix
+        guided = guidance_scale != 1.0
+        if max_batch_size is None:
+            max_batch_size = self.max_batch_size_for(guided) if device.type == "cuda" else batch
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        settings = (guidance_scale, temperature, top_k, top_p)
+        chunks = [
+            self._sample(labels[i : i + max_batch_size], prefix[i : i + max_batch_size],
+                         uniforms[i : i + max_batch_size], settings, callback if i == 0 else None)
+            for i in range(0, batch, max_batch_size)
+        ]  # fmt: skip
+        return torch.cat(chunks)
 
-        if device.type == "cuda" and config.use_cuda_graphs:
-            return self.graph_decoder(batch, guidance_scale, temperature, top_k, top_p).run(
-                labels, prefix, uniforms, callback
-            )
+    def _sample(
+        self,
+        labels: torch.Tensor,
+        prefix: torch.Tensor,
+        uniforms: torch.Tensor,
+        settings: tuple[float, float, int, float],
+        callback: Callable[[int], None] | None,
+    ) -> torch.Tensor:
+        """One chunk of ``generate``: the CUDA-graph decoder on CUDA, the eager loop elsewhere."""
+        guidance_scale, temperature, top_k, top_p = settings
+        start = prefix.shape[1]
+        if labels.device.type == "cuda" and self.config.use_cuda_graphs:
+            decoder = self.graph_decoder(labels.numel(), *settings)
+            return decoder.run(labels, prefix, uniforms, callback)
 
         def choose(t: int, logits: torch.Tensor) -> torch.Tensor:
             token = sample_inverse_cdf(
@@ -377,6 +403,30 @@ class AiMForImageGeneration(AiMPreTrainedModel):
             return token
 
         return self.decode(labels, prefix, guidance_scale, choose)
+
+    def max_batch_size_for(self, guided: bool) -> int:
+        """How many images fit in the free memory of the model's CUDA device: the recurrent cache
+        and the per-row logits work of each image, within 80% of what is free."""
+        config = self.config
+        rows = 2 if guided else 1
+        state_bytes = (
+            getattr(torch, config.state_dtype).itemsize if config.state_dtype else self.dtype.itemsize
+        )
+        state = (
+            config.num_hidden_layers * config.num_heads * config.head_dim * config.state_size * state_bytes
+        )
+        conv = config.num_hidden_layers * (config.intermediate_size + 2 * config.n_groups * config.state_size)
+        conv *= config.conv_kernel * self.dtype.itemsize
+        work = (
+            config.vocab_size * 32 + config.num_tokens * config.intermediate_size * 4 * 8
+        )  # logits, prefix pass
+        free, _ = torch.cuda.mem_get_info(self.device)
+        decoder = getattr(self, "_graph_decoder", None)
+        if decoder is not None:  # its cache is freed or reused by the next call
+            free += sum(
+                t.numel() * t.element_size() for t in (decoder.cache.ssm_states, decoder.cache.conv_states)
+            )
+        return max(1, int(0.8 * free) // (rows * (state + conv + work)))
 
     def graph_decoder(self, batch: int, guidance_scale: float, temperature: float, top_k: int, top_p: float):
         """The CUDA-graph decoder for this setting; one is kept (its cache can be large) and
