@@ -1,0 +1,41 @@
+"""Where a decoding step spends its GPU time: the compiled step of the CUDA-graph decoder, run
+outside the graph under torch.profiler, kernels sorted by total CUDA time.
+
+    python scripts/profile_step.py --preset AiM-B --batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from aim_hf import AiMConfig, AiMForImageGeneration
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="AiM-B")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=20)
+    args = parser.parse_args()
+    with torch.device("cuda"):
+        model = AiMForImageGeneration(AiMConfig.from_preset(args.preset)).to(torch.bfloat16).eval()
+    labels = torch.arange(args.batch, device="cuda") % model.config.num_classes
+    decoder = model.graph_decoder(args.batch, 2.0, 1.0, 0, 1.0)
+    uniforms = torch.rand(args.batch, model.config.num_tokens, dtype=torch.float64, device="cuda")
+    decoder.run(labels, uniforms.new_zeros(args.batch, 0, dtype=torch.long), uniforms)  # compile, capture
+    decoder.t.fill_(1)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            decoder.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
