@@ -49,6 +49,7 @@ class AiMConfig(PretrainedConfig):
         original_decode_positions: reproduce the original's decoding, which feeds code ``k`` with
             position ``k + 1`` although training used ``k``; set for converted original weights.
         use_mamba_kernels: use mamba-ssm / causal-conv1d kernels when installed and on CUDA.
+        use_triton_kernels: on CUDA, decode with this package's Triton state update (triton_ssm).
         use_cuda_graphs: on CUDA, generate with compiled blocks and one CUDA graph per step.
         state_dtype: storage dtype of the recurrent SSM state in generation; None keeps it in the
             weights' dtype, as mamba-ssm does (the update itself always computes in float32).
@@ -80,6 +81,7 @@ class AiMConfig(PretrainedConfig):
         class_dropout_prob: float = 0.1,
         original_decode_positions: bool = False,
         use_mamba_kernels: bool = True,
+        use_triton_kernels: bool = True,
         use_cuda_graphs: bool = True,
         state_dtype: str | None = None,
         default_guidance_scale: float = 2.0,
@@ -105,6 +107,7 @@ class AiMConfig(PretrainedConfig):
         self.class_dropout_prob = class_dropout_prob
         self.original_decode_positions = original_decode_positions
         self.use_mamba_kernels = use_mamba_kernels
+        self.use_triton_kernels = use_triton_kernels
         self.use_cuda_graphs = use_cuda_graphs
         self.state_dtype = state_dtype
         self.default_guidance_scale = default_guidance_scale

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_ssm
 from .configuration_aim import AiMConfig
 
 try:  # optional GPU kernels
@@ -162,6 +163,10 @@ class Mamba2Mixer(nn.Module):
             and not torch.compiler.is_compiling()
         )
 
+    def use_triton(self, state: torch.Tensor, x: torch.Tensor) -> bool:
+        """This package's Triton state update (``triton_ssm``) on CUDA, compiled or not."""
+        return self.config.use_triton_kernels and state.is_cuda and triton_ssm.supported(state, x)
+
     def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
 
@@ -235,7 +240,8 @@ class Mamba2Mixer(nn.Module):
             xbc = F.silu(xbc)
             x, B, C = self._split_xbc(xbc)
             dt = F.softplus(dt.to(compute_dtype(dt.dtype)) + self.dt_bias.to(compute_dtype(dt.dtype)))
-            y = ssm_step(ssm_state, x, dt, A, B, C)
+            update = triton_ssm.ssm_update if self.use_triton(ssm_state, x) else ssm_step
+            y = update(ssm_state, x, dt, A, B, C)
             y = y + x.to(y.dtype) * self.D.to(y.dtype)[:, None]
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y.to(self.out_proj.weight.dtype))
