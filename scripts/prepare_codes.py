@@ -152,7 +152,10 @@ def shard_path(work: Path, index: int) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output = Path(args.output)
+    work = output.with_name(output.name + ".work")
     if output.exists():
+        if work.exists() and PartialState().is_main_process:
+            shutil.rmtree(work)  # left by a run killed while deleting it, after OUTPUT was complete
         print(f"{output} already exists; nothing to do (delete it to tokenise again)")
         return 0
     state = PartialState()
@@ -175,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
 
-    work = output.with_name(output.name + ".work")
     plan = {
         "source": source._fingerprint,
         "num_rows": len(source),
@@ -189,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         remove_temporaries(work)
+        remove_temporaries(output.parent, output.name)  # a run killed while saving OUTPUT
         if not (work / "plan.json").is_file():
             with atomic_path(work / "plan.json") as tmp:
                 tmp.write_text(json.dumps(plan, indent=1))

@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pipe.set_progress_bar_config(disable=True)
 
     folder = Path(args.output)
+    npz = folder.with_name(folder.name + ".npz")
     settings = {
         "model": str(Path(args.model).resolve()),
         "vqvae": str(Path(args.vqvae).resolve()) if args.vqvae else None,
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if state.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         remove_temporaries(folder)
+        remove_temporaries(folder.parent, npz.name)  # a run killed while writing the .npz
         if not (folder / "sampling.json").is_file():
             with atomic_path(folder / "sampling.json") as tmp:
                 tmp.write_text(json.dumps(settings, indent=1))
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if state.is_main_process:
         paths = [png_path(folder, i) for i in range(args.num_images)]
-        write_npz(paths, folder.with_name(folder.name + ".npz"))
+        write_npz(paths, npz)
         if args.inception_weights is not None:
             metrics = compute_metrics(paths, args)
             with atomic_path(folder / "metrics.json") as tmp:

@@ -21,7 +21,14 @@ import datasets
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from aim_hf import PRESETS, AiMConfig, AiMForImageGeneration
-from aim_hf.data import CodesCollator, atomic_path, check_codes_dataset, num_classes_of, require_column
+from aim_hf.data import (
+    CodesCollator,
+    atomic_path,
+    check_codes_dataset,
+    num_classes_of,
+    remove_temporaries,
+    require_column,
+)
 from aim_hf.training import AiMTrainer, last_complete_checkpoint, load_aim, resize_class_embedding
 
 AIM_DEFAULTS = {
@@ -125,6 +132,8 @@ def model_inputs(dataset: datasets.Dataset, script: ScriptArguments, config: AiM
 
 def main(argv: list[str] | None = None) -> AiMTrainer:
     script, args = parse_args(argv)
+    if args.should_save:
+        remove_temporaries(args.output_dir, "model")  # a run killed while saving OUTPUT_DIR/model
     set_seed(args.seed)  # the initial weights
     train = load_codes(script.dataset, script)
     model = build_model(script, train)

@@ -8,6 +8,7 @@ augmented view of an image is its own row, so training needs no randomness beyon
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -220,9 +221,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
 
 
-def remove_temporaries(folder: str | os.PathLike) -> None:
-    """Delete what killed runs left in ``folder``: ``atomic_path`` temporaries and displaced folders."""
-    for path in Path(folder).glob(".*.tmp-*"):
-        _remove(path)
-    for path in Path(folder).glob(".*.old-*"):
-        _remove(path)
+def remove_temporaries(folder: str | os.PathLike, name: str | None = None) -> None:
+    """Delete what killed runs left in ``folder``: ``atomic_path`` temporaries and displaced folders,
+    of the file or folder ``name`` only if given (when ``folder`` holds other work's files too)."""
+    stem = "*" if name is None else glob.escape(name)
+    for pattern in (f".{stem}.tmp-*", f".{stem}.old-*"):
+        for path in Path(folder).glob(pattern):
+            _remove(path)

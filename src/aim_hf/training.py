@@ -69,15 +69,24 @@ class AiMTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def _finished_step(checkpoint: Path) -> int | None:
+    """N for a ``checkpoint-N`` folder whose trainer_state.json (Trainer writes it last, in place)
+    was written in full; None for any other path."""
+    step = checkpoint.name.removeprefix("checkpoint-")
+    if not step.isdigit():
+        return None
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):  # missing, or empty/cut short by a kill while it was written
+        return None
+    return int(step) if isinstance(state, dict) and state.get("global_step") == int(step) else None
+
+
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest ``checkpoint-N`` that Trainer finished writing (its trainer_state.json is written
     last), so a run killed while saving resumes from the checkpoint before."""
     folder = Path(output_dir)
-    steps = [
-        int(p.name.split("-")[1])
-        for p in folder.glob("checkpoint-*")
-        if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()
-    ]
+    steps = [s for s in map(_finished_step, folder.glob("checkpoint-*")) if s is not None]
     return str(folder / f"checkpoint-{max(steps)}") if steps else None
 
 
