@@ -20,6 +20,7 @@ from datetime import date
 import torch
 
 from aim_hf import AiMConfig, AiMForImageGeneration
+from aim_hf.data import atomic_path
 
 
 def copy_bandwidth(gib: int = 4) -> float:
@@ -146,10 +147,8 @@ def main() -> None:
         "command": "python scripts/benchmark.py " + " ".join(os.sys.argv[1:]),
         "rows": rows,
     }
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.json)
+    with atomic_path(args.json) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, {result['date']}")
     print(f"{'preset':8s}{'batch':>6s}{'mode':>7s}{'loop s':>9s}{'img/s':>9s}{'x floor':>9s}{'first s':>9s}")
     for r in rows:

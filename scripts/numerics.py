@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
 from aim_hf import AiMConfig, AiMForImageGeneration
+from aim_hf.data import atomic_path
 from aim_hf.sampling import sample_inverse_cdf
 
 VARIANTS = {  # name: (weights dtype, state dtype, use_cuda_graphs)
@@ -103,10 +103,8 @@ def main() -> None:
         "guidance_scale": args.guidance_scale,
         "rows": rows,
     }
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.json)
+    with atomic_path(args.json) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     print(f"\n{'variant':40s}{'median err':>12s}{'max err':>10s}{'same code':>11s}{'diverge@':>10s}")
     for r in rows:
         print(
