@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+import sys
 import time
 from datetime import date
 
@@ -144,7 +144,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "torch": torch.__version__,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
-        "command": "python scripts/benchmark.py " + " ".join(os.sys.argv[1:]),
+        "command": "python scripts/benchmark.py " + " ".join(sys.argv[1:]),
         "rows": rows,
     }
     with atomic_path(args.json) as tmp:

@@ -39,18 +39,25 @@ def filter_logits(
     logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
 ) -> torch.Tensor:
     """Temperature, then top-k, then top-p (the smallest set of most likely codes whose mass
-    reaches top_p, never empty); filtered-out codes get -inf."""
+    reaches top_p, never empty); filtered-out codes get -inf.
+
+    Both filters keep the codes at or above a threshold logit. With top-k the threshold comes from
+    the k largest logits alone (already sorted by ``topk``), so only top-p without top-k sorts the
+    whole vocabulary."""
     logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        candidates = torch.topk(logits, top_k, dim=-1).values
+    elif top_p < 1.0:
+        candidates = torch.sort(logits, dim=-1, descending=True).values
+    else:
+        return logits
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        remove_sorted = probs.cumsum(-1) - probs >= top_p  # mass of the more likely codes
-        remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, -math.inf)
-    return logits
+        probs = candidates.softmax(-1)
+        beyond = probs.cumsum(-1) - probs >= top_p  # the more likely codes already reach top_p
+        candidates = candidates.masked_fill(beyond, math.inf)
+    threshold = candidates.min(dim=-1, keepdim=True).values
+    return logits.masked_fill(logits < threshold, -math.inf)
 
 
 def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
