@@ -72,9 +72,8 @@ class AiMCache:
 class AiMBlock(GradientCheckpointingLayer):
     """Residual add, RMSNorm, adaLN modulation, Mamba2 mixer, gate."""
 
-    def __init__(self, config: AiMConfig, layer_idx: int):
+    def __init__(self, config: AiMConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.norm = AiMRMSNorm(config.hidden_size, config.layer_norm_epsilon)
         self.mixer = Mamba2Mixer(config)
         if config.has_layer_tables:
@@ -161,11 +160,10 @@ class AiMModel(AiMPreTrainedModel):
         self.embed_positions = nn.Embedding(config.num_tokens + 1, d)
         self.embed_classes = nn.Embedding(config.num_classes + 1, d)  # the last row is the null class
         self.adaln = nn.Linear(d, config.adaln_groups * 3 * d)
-        self.layers = nn.ModuleList(AiMBlock(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(AiMBlock(config) for _ in range(config.num_hidden_layers))
         self.norm_f = AiMRMSNorm(d, config.layer_norm_epsilon)
         self.final_norm = AiMRMSNorm(d, config.layer_norm_epsilon)
         self.final_adaln = nn.Linear(d, 2 * d)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def condition(self, class_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
