@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,6 +119,8 @@ class AiMPipeline(DiffusionPipeline):
             raise ValueError("AiMPipeline saves safetensors only; safe_serialization=False is not supported")
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
+        for stale in target.glob(".saving-*"):  # staging left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=target, prefix=".saving-") as staging:
             super().save_pretrained(staging, variant=variant, max_shard_size=max_shard_size)
             card = make_model_card(self, repo_id or os.fspath(save_directory))
