@@ -40,6 +40,7 @@ AIM_DEFAULTS = {
     "logging_steps": 100,
     "remove_unused_columns": False,  # the collator turns "codes"/"label" into the model's inputs
     "prediction_loss_only": True,  # evaluation logits are (batch, tokens, vocab): never gather them
+    "ddp_find_unused_parameters": False,  # every parameter gets a gradient: skip DDP's extra search
 }
 
 
