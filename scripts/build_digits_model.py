@@ -34,6 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from datasets import load_from_disk
+
 from aim_hf import AiMPipeline, cli
 from aim_hf.data import atomic_path, load_vq
 from aim_hf.digits import load_digits_dataset
@@ -111,10 +114,24 @@ def choose_guidance(sweep: list[dict[str, Any]], min_consistency: float) -> floa
     return max(trained, key=lambda item: item[1]["class_consistency"])[0]
 
 
+@torch.no_grad()
+def training_copies(pipe: AiMPipeline, codes: Path, samples_per_class: int) -> float:
+    """The share of samples whose codes are exactly those of a training digit: how much the model
+    repeats its 1,797 training images rather than drawing new ones. The samples are the evaluated
+    ones (image i of digit d is number d * samples_per_class + i, with seed 0 + that number)."""
+    training = {tuple(row) for row in load_from_disk(str(codes))["codes"]}
+    labels = [d for d in range(pipe.aim.config.num_classes) for _ in range(samples_per_class)]
+    generators = [torch.Generator().manual_seed(i) for i in range(len(labels))]
+    pipe.set_progress_bar_config(desc="samples for the copy check")
+    samples = pipe.generate_codes(labels, generator=generators).tolist()
+    return sum(tuple(row) in training for row in samples) / len(samples)
+
+
 def write_model_card(
-    pipe: AiMPipeline, output: Path, results: dict[str, Any], sweep: list[dict[str, Any]]
+    pipe: AiMPipeline, output: Path, results: dict[str, Any], sweep: list[dict[str, Any]], copies: float
 ) -> None:
-    """The pipeline's usual card plus how this model was made and how well it draws digits."""
+    """The pipeline's usual card, with how this model was made and how well it draws digits
+    before the citation."""
     card = make_model_card(pipe, repo_id=os.path.relpath(output, ROOT))
     rows = "\n".join(
         f"| {name} | {row['samples']} | {row['class_consistency']:.3f} | {row['frechet_distance']:.2f} |"
@@ -125,8 +142,8 @@ def write_model_card(
         f"{r['rows']['trained']['frechet_distance']:.2f} |"
         for r in sweep
     )
-    card.text += (
-        "\n## The embedded digits model\n\n"
+    section = (
+        "## The embedded digits model\n\n"
         "Trained from scratch on scikit-learn's 1,797 handwritten digits (8x8, upscaled to 32x32) by "
         "`scripts/build_digits_model.py`: a VQModel tokenizer (64 codes of 128 per image) and this AiM. "
         "`aim-generate --class 3 --num-images 8 --output digits.png` draws with it.\n\n"
@@ -140,8 +157,13 @@ def write_model_card(
         f"### Guidance scale (chosen on {sweep[0]['samples_per_class']} samples per digit, "
         f"seed {sweep[0]['seed']})\n\n"
         "| guidance | class consistency | Frechet distance |\n|---:|---:|---:|\n"
-        f"{sweep_rows}\n"
+        f"{sweep_rows}\n\n"
+        "### Memorisation\n\n"
+        f"{copies:.0%} of the evaluated samples have exactly the codes of one of the 1,797 training digits "
+        "(a small model trained for many epochs on a small dataset repeats much of it), which is also why "
+        "their Frechet distance to the training digits can be lower than that of unseen real digits.\n\n"
     )
+    card.text = card.text.replace("## Citation", section + "## Citation")
     with atomic_path(output / "README.md") as tmp:
         card.save(tmp)
 
@@ -204,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
         output, config.default_guidance_scale, args.samples_per_class, 0,
         work / f"evaluation-{config.default_guidance_scale}.json",
     )  # fmt: skip
-    write_model_card(pipe, output, results, sweep)
+    copies = training_copies(pipe, codes, args.samples_per_class)
+    print(f"== {copies:.1%} of the samples copy a training digit's codes", flush=True)
+    write_model_card(pipe, output, results, sweep, copies)
     cli.main(
         [
             "--model",

@@ -101,7 +101,7 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
         main(argv)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
-    assert error.startswith("usage: aim-generate") and message in error
+    assert "aim-generate: error: " in error and message in error
     assert list(tmp_path.iterdir()) == []
 
 

@@ -17,8 +17,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import diffusers
 import PIL.Image
 import torch
+import transformers
 from diffusers.utils import make_image_grid
 
 from .pipeline_aim import AiMPipeline
@@ -134,14 +136,17 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse_args(argv)
     device = check_device(args.device, cli)
     output = check_output(args.output, cli)
+    # Only the sampling bar: loading the embedded model takes no time worth a bar.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     try:
         pipe = AiMPipeline.from_pretrained(args.model)
     except (OSError, ValueError) as err:
         cli.error(f"--model {args.model}: cannot load an AiMPipeline: {err}")
     labels = class_labels(args.classes, pipe, cli)
     pipe.to(device)
-
     count = len(labels) * args.num_images
+    pipe.set_progress_bar_config(desc=f"sampling {count} images", unit="code")
     generator = (
         None if args.seed is None else [torch.Generator().manual_seed(args.seed + i) for i in range(count)]
     )
@@ -150,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     save_atomically(grid, output)
     guidance = pipe.aim.config.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
     print(
-        f"wrote {output}: {len(labels)} row(s) of {args.num_images} images (classes {labels}, "
-        f"guidance {guidance}, seed {args.seed})"
+        f"wrote {output}: a row of {args.num_images} images for each of the classes "
+        f"{', '.join(map(str, labels))} (guidance {guidance}, seed {args.seed})"
     )
 
 
