@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     config.id2label = {i: str(i) for i in range(config.num_classes)}
     config.label2id = {str(i): i for i in range(config.num_classes)}
     candidate = work / "pipeline"
-    stage("pipeline", candidate, lambda: pipe.save_pretrained(candidate), timings)
+    stage("pipeline", candidate / "model_index.json", lambda: pipe.save_pretrained(candidate), timings)
 
     start = time.perf_counter()
     sweep = [
@@ -230,19 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"== {copies:.1%} of the samples copy a training digit's codes", flush=True)
     write_model_card(pipe, output, results, sweep, copies)
     cli.main(
-        [
-            "--model",
-            str(output),
-            "--num-images",
-            "8",
-            "--seed",
-            "0",
-            "--resize",
-            "64",
-            "--output",
-            str(ROOT / args.grid),
-        ]
-    )
+        ["--model", str(output), "--num-images", "8", "--seed", "0", "--resize", "64", "--output", str(ROOT / args.grid)]
+    )  # fmt: skip
     timings["evaluation"] = time.perf_counter() - start
 
     for name, seconds in timings.items():

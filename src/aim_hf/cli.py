@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import diffusers
@@ -69,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"at most {MAX_DEFAULT_CLASSES})",
     )
     parser.add_argument("--num-images", type=positive_int, default=4, help="images per class (default: 4)")
-    parser.add_argument("--seed", type=seed, help="seed of the first image (default: random)")
+    parser.add_argument("--seed", type=seed, help="image i uses seed + i (default: random)")
     parser.add_argument(
         "--guidance-scale", type=guidance_scale, help="classifier-free guidance (default: the model's)"
     )
@@ -119,15 +118,15 @@ def class_labels(values: list[str] | None, pipe: AiMPipeline, parser: argparse.A
 
 
 def save_atomically(image: PIL.Image.Image, path: Path) -> None:
-    """Write the PNG under a temporary name in the same folder and rename it into place, so an
-    interrupted run never leaves a truncated file."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write the PNG under a temporary name next to ``path`` (named as ``aim_hf.data.atomic_path``
+    names them; that module needs the train extra) and rename it into place, so an interrupted run
+    never leaves a truncated file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with os.fdopen(handle, "wb") as file:
-            image.save(file, format="PNG")
+        image.save(tmp, format="PNG")
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -154,9 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     grid = make_image_grid(images, rows=len(labels), cols=args.num_images, resize=args.resize)
     save_atomically(grid, output)
     guidance = pipe.aim.config.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
+    classes = f"class{'es' if len(labels) > 1 else ''} {', '.join(map(str, labels))}"
     print(
-        f"wrote {output}: a row of {args.num_images} images for each of the classes "
-        f"{', '.join(map(str, labels))} (guidance {guidance}, seed {args.seed})"
+        f"wrote {output}: {count} images of {classes}, a row of {args.num_images} per class "
+        f"(guidance {guidance}, seed {args.seed})"
     )
 
 
