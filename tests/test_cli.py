@@ -77,7 +77,10 @@ def test_every_class_by_default_and_resize(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--class", "eleven"], "--class: "),
+        (
+            ["--class", "eleven"],
+            "--class: unknown class name 'eleven' (classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9)",
+        ),
         (["--class", "10"], "out of range"),
         (["--class", "1,,2"], "empty class label"),
         (["--num-images", "0"], "--num-images: must be a positive integer"),
