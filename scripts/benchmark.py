@@ -20,7 +20,7 @@ from datetime import date
 import torch
 
 from aim_hf import AiMConfig, AiMForImageGeneration
-from aim_hf.data import atomic_path
+from aim_hf.files import atomic_path
 
 
 def copy_bandwidth(gib: int = 4) -> float:

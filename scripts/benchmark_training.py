@@ -39,7 +39,7 @@ from train import AIM_DEFAULTS  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from aim_hf import PRESETS  # noqa: E402
-from aim_hf.data import atomic_path  # noqa: E402
+from aim_hf.files import atomic_path  # noqa: E402
 from aim_hf.mamba2 import KERNELS_AVAILABLE  # noqa: E402
 from aim_hf.training import AiMTrainer  # noqa: E402
 

@@ -39,8 +39,9 @@ import torch
 from datasets import load_from_disk
 
 from aim_hf import AiMPipeline, cli
-from aim_hf.data import atomic_path, load_vq
+from aim_hf.data import load_vq
 from aim_hf.digits import load_digits_dataset
+from aim_hf.files import atomic_path
 from aim_hf.model_card import make_model_card
 from aim_hf.training import load_aim
 

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from aim_hf import AiMForImageGeneration, AiMPipeline
-from aim_hf.data import atomic_path
 from aim_hf.digits import DigitClassifier, digits_tensors, frechet_distance, load_digits_dataset
+from aim_hf.files import atomic_path
 
 NUM_DIGITS = 10
 HELD_OUT = 0.2

@@ -17,7 +17,7 @@ import json
 import torch
 
 from aim_hf import AiMConfig, AiMForImageGeneration
-from aim_hf.data import atomic_path
+from aim_hf.files import atomic_path
 from aim_hf.sampling import sample_inverse_cdf
 
 VARIANTS = {  # name: (weights dtype, state dtype, use_cuda_graphs)

@@ -32,13 +32,12 @@ from tqdm.auto import tqdm
 
 from aim_hf.data import (
     AUGMENTATIONS,
-    atomic_path,
     check_image_dataset,
     image_views,
     load_vq,
-    remove_temporaries,
     views_to_tensor,
 )
+from aim_hf.files import atomic_path, remove_temporaries
 from aim_hf.tokenizer import encode_images
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

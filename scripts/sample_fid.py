@@ -26,7 +26,8 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from aim_hf.data import atomic_path, load_vq, remove_temporaries
+from aim_hf.data import load_vq
+from aim_hf.files import atomic_path, remove_temporaries
 from aim_hf.pipeline_aim import AiMPipeline
 from aim_hf.sampling import check_sampling_args
 from aim_hf.training import load_aim

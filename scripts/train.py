@@ -23,12 +23,11 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from aim_hf import PRESETS, AiMConfig, AiMForImageGeneration
 from aim_hf.data import (
     CodesCollator,
-    atomic_path,
     check_codes_dataset,
     num_classes_of,
-    remove_temporaries,
     require_column,
 )
+from aim_hf.files import atomic_path, remove_temporaries
 from aim_hf.training import AiMTrainer, last_complete_checkpoint, load_aim, resize_class_embedding
 
 AIM_DEFAULTS = {

@@ -42,8 +42,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from aim_hf.data import atomic_path, center_crop, views_to_tensor
+from aim_hf.data import center_crop, views_to_tensor
 from aim_hf.digits import load_digits_dataset
+from aim_hf.files import atomic_path
 from aim_hf.tokenizer import decode_codes, encode_images, images_to_uint8
 
 RESTART_FRACTION = 0.75  # restarts stop after this share of the steps

@@ -18,7 +18,6 @@ from PIL import Image
 
 from aim_hf.data import (
     CodesCollator,
-    atomic_path,
     center_crop,
     check_codes_dataset,
     check_image_dataset,
@@ -26,6 +25,7 @@ from aim_hf.data import (
     num_classes_of,
     views_to_tensor,
 )
+from aim_hf.files import atomic_path
 from aim_hf.tokenizer import encode_images, llamagen_vq_config
 
 REPO = Path(__file__).resolve().parents[1]

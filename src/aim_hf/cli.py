@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import diffusers
-import PIL.Image
 import torch
 import transformers
 from diffusers.utils import make_image_grid
 
+from .files import atomic_path
 from .pipeline_aim import AiMPipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "aim-digits"
@@ -120,19 +119,6 @@ def class_labels(values: list[str] | None, pipe: AiMPipeline, parser: argparse.A
         parser.error(f"--class: {err}{known}")
 
 
-def save_atomically(image: PIL.Image.Image, path: Path) -> None:
-    """Write the PNG under a temporary name next to ``path`` (named as ``aim_hf.data.atomic_path``
-    names them; that module needs the train extra) and rename it into place, so an interrupted run
-    never leaves a truncated file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> None:
     cli = build_parser()
     args = cli.parse_args(argv)
@@ -154,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     images = pipe(labels, args.num_images, guidance_scale=args.guidance_scale, generator=generator).images
     grid = make_image_grid(images, rows=len(labels), cols=args.num_images, resize=args.resize)
-    save_atomically(grid, output)
+    with atomic_path(output) as tmp:  # an interrupted run never leaves a truncated PNG
+        grid.save(tmp, format="PNG")
     guidance = pipe.aim.config.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
     classes = f"class{'es' if len(labels) > 1 else ''} {', '.join(map(str, labels))}"
     print(

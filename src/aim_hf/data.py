@@ -8,12 +8,9 @@ augmented view of an image is its own row, so training needs no randomness beyon
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +26,12 @@ from .tokenizer import load_llamagen_vq
 __all__ = [
     "AUGMENTATIONS",
     "CodesCollator",
-    "atomic_path",
     "center_crop",
     "check_codes_dataset",
     "check_image_dataset",
     "image_views",
     "load_vq",
     "num_classes_of",
-    "remove_temporaries",
     "require_column",
     "views_to_tensor",
 ]
@@ -189,42 +184,3 @@ def load_vq(path: str | os.PathLike) -> VQModel:
             "vqvae/, or a LlamaGen/AiM checkpoint file (.pt, .bin, .safetensors)"
         )
     return load_llamagen_vq(path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary sibling name to write a file or folder to, renamed onto ``path`` only when the
-    block succeeds: a crash never leaves a half-written ``path`` for a resumed run to trust.
-
-    Temporaries are named ``.NAME.tmp-PID`` so that a cleanup can find those a killed run left."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    if path.is_dir() and not path.is_symlink():  # a folder cannot be replaced in one rename
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
-
-
-def remove_temporaries(folder: str | os.PathLike, name: str | None = None) -> None:
-    """Delete what killed runs left in ``folder``: ``atomic_path`` temporaries and displaced folders,
-    of the file or folder ``name`` only if given (when ``folder`` holds other work's files too)."""
-    stem = "*" if name is None else glob.escape(name)
-    for pattern in (f".{stem}.tmp-*", f".{stem}.old-*"):
-        for path in Path(folder).glob(pattern):
-            _remove(path)
