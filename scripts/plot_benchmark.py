@@ -1,0 +1,54 @@
+"""Plot a scripts/benchmark.py JSON: images per second against batch size, per preset, with the
+original's figures from SPEC §8 (measured on an H200) beside them. Needs matplotlib.
+
+    python scripts/plot_benchmark.py benchmarks/2026-11-26-h100-generation.json docs/benchmark.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from aim_hf.files import atomic_path  # noqa: E402
+
+# SPEC §8: the original's token loop on an H200 (bf16, guidance on), images per second
+ORIGINAL_H200 = {
+    "AiM-B": {1: 1.7, 4: 6.3, 16: 19.5, 64: 61.6, 256: 120.4},
+    "AiM-L": {16: 13.8, 64: 34.2, 256: 52.4},
+    "AiM-XL": {1: 0.95, 4: 3.6, 16: 11.6, 64: 25.8, 256: 36.7},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("json")
+    parser.add_argument("output")
+    args = parser.parse_args()
+    result = json.loads(open(args.json).read())
+    rows = [r for r in result["rows"] if r["mode"] == "graph"]
+    presets = sorted({r["preset"] for r in rows}, key=lambda p: list(ORIGINAL_H200).index(p))
+    fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 4), squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        mine = sorted((r["batch"], r["images_per_s"]) for r in rows if r["preset"] == preset)
+        ax.plot(*zip(*mine), "o-", label=f"aim-hf, CUDA graph ({result['device']})")
+        original = sorted(ORIGINAL_H200.get(preset, {}).items())
+        if original:
+            ax.plot(*zip(*original), "s--", label="original (H200, SPEC §8)")
+        ax.set(xscale="log", yscale="log", xlabel="batch (images, guidance on)", ylabel="images / s",
+               title=f"{preset}, bf16, 256 tokens, {result['date']}")  # fmt: skip
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(args.output) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
