@@ -8,4 +8,4 @@ python3 -c "import torch" 2>/dev/null || python3 -m pip install torch==2.13.0
 extras=$(IFS=,; echo "$*")
 python3 -m pip install -e ".${extras:+[$extras]}"
 # pyenv only sees new console scripts (aim-generate) after a rehash
-if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
