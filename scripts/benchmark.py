@@ -21,6 +21,7 @@ import torch
 
 from aim_hf import AiMConfig, AiMForImageGeneration
 from aim_hf.files import atomic_path
+from aim_hf.modeling_aim import AiMCache
 
 
 def copy_bandwidth(gib: int = 4) -> float:
@@ -42,10 +43,10 @@ def copy_bandwidth(gib: int = 4) -> float:
     return 2 * gib * 2**30 / statistics.median(times)
 
 
-def random_model(preset: str, dtype: torch.dtype, state_dtype: str) -> AiMForImageGeneration:
-    """A preset with random weights everywhere (no all-zero adaLN: timings on zeros can flatter)."""
-    config = AiMConfig.from_preset(preset, state_dtype=state_dtype)
-    with torch.device("cuda"):
+def random_model(config: AiMConfig, dtype: torch.dtype, device: str = "cuda") -> AiMForImageGeneration:
+    """Random weights everywhere (no all-zero adaLN: timings on zeros can flatter, and errors on
+    zeros hide), scaled like trained ones."""
+    with torch.device(device):
         model = AiMForImageGeneration(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -58,9 +59,8 @@ def floor_seconds(model: AiMForImageGeneration, rows: int, bandwidth: float) -> 
     config = model.config
     weights = sum(p.numel() for p in model.parameters()) - model.model.embed_positions.weight.numel()
     weights -= model.model.embed_classes.weight.numel()
-    state = config.num_hidden_layers * config.num_heads * config.head_dim * config.state_size
-    state_bytes = getattr(torch, config.state_dtype).itemsize if config.state_dtype else model.dtype.itemsize
-    per_step = weights * model.dtype.itemsize + 2 * rows * state * state_bytes
+    _, state_bytes = AiMCache.row_bytes(config, model.dtype)
+    per_step = weights * model.dtype.itemsize + 2 * rows * state_bytes
     return (config.num_tokens - 1) * per_step / bandwidth
 
 
@@ -107,7 +107,7 @@ def main() -> None:
             vq = VQModel(**llamagen_vq_config()).to(dtype).eval()
     rows = []
     for preset in args.presets:
-        model = random_model(preset, dtype, args.state_dtype)
+        model = random_model(AiMConfig.from_preset(preset, state_dtype=args.state_dtype), dtype)
         for batch in args.batch_sizes:
             for mode in ["graph", "eager"] if batch in args.baseline_batch_sizes else ["graph"]:
                 model.config.use_cuda_graphs = mode == "graph"

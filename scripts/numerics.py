@@ -15,8 +15,9 @@ import argparse
 import json
 
 import torch
+from benchmark import random_model  # scripts/ is on the path when run as a script
 
-from aim_hf import AiMConfig, AiMForImageGeneration
+from aim_hf import AiMConfig
 from aim_hf.files import atomic_path
 from aim_hf.sampling import sample_inverse_cdf
 
@@ -51,13 +52,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     config = AiMConfig.from_preset(args.preset, use_mamba_kernels=False, use_cuda_graphs=False)
-    with torch.device(device):
-        model = AiMForImageGeneration(config)
-    with torch.no_grad():  # random weights everywhere, adaLN included, scaled like trained ones
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(std=0.02)
-    model = model.double().eval()
+    model = random_model(config, torch.float64, device)
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, config.num_classes, (args.batch,), generator=g).to(device)
     uniforms = torch.rand(args.batch, config.num_tokens, dtype=torch.float64, generator=g).to(device)

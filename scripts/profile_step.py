@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from benchmark import random_model  # scripts/ is on the path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
-from aim_hf import AiMConfig, AiMForImageGeneration
+from aim_hf import AiMConfig
 
 
 def main() -> None:
@@ -23,8 +24,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=20)
     args = parser.parse_args()
-    with torch.device("cuda"):
-        model = AiMForImageGeneration(AiMConfig.from_preset(args.preset)).to(torch.bfloat16).eval()
+    model = random_model(AiMConfig.from_preset(args.preset), torch.bfloat16)
     labels = torch.arange(args.batch, device="cuda") % model.config.num_classes
     decoder = model.graph_decoder(args.batch, 2.0, 1.0, 0, 1.0)
     uniforms = torch.rand(args.batch, model.config.num_tokens, dtype=torch.float64, device="cuda")

@@ -50,23 +50,36 @@ class AiMCache:
     """The recurrent state of every layer for one batch, allocated once for a whole generation."""
 
     def __init__(self, config: AiMConfig, batch_size: int, dtype: torch.dtype, device: torch.device | str):
-        mixer_conv_dim = config.intermediate_size + 2 * config.n_groups * config.state_size
-        state_dtype = dtype  # float64 references keep a float64 state whatever the setting
-        if config.state_dtype is not None and dtype != torch.float64:
-            state_dtype = getattr(torch, config.state_dtype)
-        n = config.num_hidden_layers
-        self.conv_states = torch.zeros(
-            n, batch_size, mixer_conv_dim, config.conv_kernel, dtype=dtype, device=device
+        conv_shape, ssm_shape = self.shapes(config, batch_size)
+        self.conv_states = torch.zeros(conv_shape, dtype=dtype, device=device)
+        self.ssm_states = torch.zeros(ssm_shape, dtype=self.state_dtype(config, dtype), device=device)
+
+    @staticmethod
+    def shapes(config: AiMConfig, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the conv window and of the SSM state, every layer stacked."""
+        n, conv_dim = (
+            config.num_hidden_layers,
+            config.intermediate_size + 2 * config.n_groups * config.state_size,
         )
-        self.ssm_states = torch.zeros(
-            n,
-            batch_size,
-            config.num_heads,
-            config.head_dim,
-            config.state_size,
-            dtype=state_dtype,
-            device=device,
+        return (
+            (n, batch_size, conv_dim, config.conv_kernel),
+            (n, batch_size, config.num_heads, config.head_dim, config.state_size),
         )
+
+    @staticmethod
+    def state_dtype(config: AiMConfig, dtype: torch.dtype) -> torch.dtype:
+        """``config.state_dtype``, or the weights' dtype; float64 references keep float64."""
+        if config.state_dtype is None or dtype == torch.float64:
+            return dtype
+        return getattr(torch, config.state_dtype)
+
+    @classmethod
+    def row_bytes(cls, config: AiMConfig, dtype: torch.dtype) -> tuple[int, int]:
+        """Bytes of the conv window and of the SSM state of one row (one sequence)."""
+        conv_shape, ssm_shape = cls.shapes(config, 1)
+        return math.prod(conv_shape) * dtype.itemsize, math.prod(ssm_shape) * cls.state_dtype(
+            config, dtype
+        ).itemsize
 
 
 class AiMBlock(GradientCheckpointingLayer):
@@ -407,14 +420,7 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         and the per-row logits work of each image, within 80% of what is free."""
         config = self.config
         rows = 2 if guided else 1
-        state_bytes = (
-            getattr(torch, config.state_dtype).itemsize if config.state_dtype else self.dtype.itemsize
-        )
-        state = (
-            config.num_hidden_layers * config.num_heads * config.head_dim * config.state_size * state_bytes
-        )
-        conv = config.num_hidden_layers * (config.intermediate_size + 2 * config.n_groups * config.state_size)
-        conv *= config.conv_kernel * self.dtype.itemsize
+        conv, state = AiMCache.row_bytes(config, self.dtype)
         work = (
             config.vocab_size * 32 + config.num_tokens * config.intermediate_size * 4 * 8
         )  # logits, prefix pass
