@@ -38,7 +38,7 @@ from benchmark import random_model  # noqa: E402
 from train import AIM_DEFAULTS  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
-from aim_hf import PRESETS  # noqa: E402
+from aim_hf import PRESETS, AiMConfig  # noqa: E402
 from aim_hf.files import atomic_path  # noqa: E402
 from aim_hf.mamba2 import KERNELS_AVAILABLE  # noqa: E402
 from aim_hf.training import AiMTrainer  # noqa: E402
@@ -108,7 +108,7 @@ def timed_step(model, optimizer, codes, labels, dtype, max_grad_norm: float) -> 
 
 def run_row(preset: str, batch: int, mixer: str, precision: str, checkpointing: bool, args) -> dict:
     """Time one configuration on a fresh model and optimizer."""
-    model = random_model(preset, torch.float32, None).train()
+    model = random_model(AiMConfig.from_preset(preset), torch.float32).train()
     model.config.use_mamba_kernels = mixer == "kernels"
     if checkpointing:
         model.activation_checkpointing_enable()
