@@ -1,9 +1,10 @@
 """Speed of generation on the GPU: presets x batch sizes, CUDA-graph decoder vs eager baseline.
 
 Prints a table and writes JSON. The token loop is timed from the call to ``generate`` until the
-codes are on the device (synchronised), VQ decode separately. The floor is the bytes a decoding
-step must move at least (bf16 weights read once, recurrent state read and written) over the copy
-bandwidth measured in the same run.
+codes are on the device (synchronised), VQ decode separately, for the graph decoder with each
+cache form and the eager loop. The floor is the bytes a decoding step must move at least (the
+weights once, plus the recurrent state read and written or the dual history read, whichever is
+less) over the copy bandwidth measured in the same run.
 
     python scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 64 256 --json bench.json
 """
@@ -55,13 +56,23 @@ def random_model(config: AiMConfig, dtype: torch.dtype, device: str = "cuda") ->
     return model.to(dtype).eval()
 
 
-def floor_seconds(model: AiMForImageGeneration, rows: int, bandwidth: float) -> float:
+def floor_seconds(model: AiMForImageGeneration, rows: int, bandwidth: float) -> dict[str, float]:
+    """Least time of the token loop (255 steps) for each cache form: every step reads the weights
+    once, plus the recurrent state read and written, or the dual history read up to the current
+    position and one position appended."""
     config = model.config
     weights = sum(p.numel() for p in model.parameters()) - model.model.embed_positions.weight.numel()
     weights -= model.model.embed_classes.weight.numel()
-    _, state_bytes = AiMCache.row_bytes(config, model.dtype)
-    per_step = weights * model.dtype.itemsize + 2 * rows * state_bytes
-    return (config.num_tokens - 1) * per_step / bandwidth
+    weights *= model.dtype.itemsize
+    steps = config.num_tokens - 1
+    state = AiMCache.row_bytes(config, model.dtype, "recurrent")["state"]
+    history = AiMCache.row_bytes(config, model.dtype, "dual")
+    position = sum(history[name] for name in ("xs", "Bs", "dts", "log_decays")) / config.num_tokens
+    read_positions = sum(range(2, steps + 2))  # step k reads the k + 1 positions before it
+    return {
+        "recurrent": (steps * (weights + 2 * rows * state)) / bandwidth,
+        "dual": (steps * weights + rows * position * (read_positions + steps)) / bandwidth,
+    }
 
 
 def time_call(fn, *args, **kwargs) -> tuple[float, object]:
@@ -81,6 +92,10 @@ def main() -> None:
     parser.add_argument(
         "--baseline-batch-sizes", nargs="*", type=int, default=[1, 64],
         help="batch sizes at which the eager baseline (no CUDA graph) is also timed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--caches", nargs="+", choices=["recurrent", "dual"], default=["recurrent", "dual"],
+        help="cache forms of the graph decoder to time (config.decode_cache)",
     )  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument(
@@ -109,20 +124,27 @@ def main() -> None:
     for preset in args.presets:
         model = random_model(AiMConfig.from_preset(preset, state_dtype=args.state_dtype), dtype)
         for batch in args.batch_sizes:
-            for mode in ["graph", "eager"] if batch in args.baseline_batch_sizes else ["graph"]:
-                model.config.use_cuda_graphs = mode == "graph"
+            modes = [f"graph-{form}" for form in args.caches]
+            modes += ["eager"] if batch in args.baseline_batch_sizes else []
+            for mode in modes:
+                model.config.use_cuda_graphs = mode != "eager"
+                model.config.decode_cache = "recurrent" if mode == "eager" else mode.removeprefix("graph-")
                 call = (model.generate, list(range(batch)))
                 kwargs = {"guidance_scale": args.guidance_scale}
+                model._graph_decoder = None
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 first, codes = time_call(*call, **kwargs)
                 times = [time_call(*call, **kwargs)[0] for _ in range(args.repeats)]
                 loop = statistics.median(times)
+                floors = floor_seconds(model, batch * (2 if args.guidance_scale != 1 else 1), bandwidth)
                 row = {
                     "preset": preset, "batch": batch, "mode": mode, "dtype": args.dtype,
                     "state_dtype": args.state_dtype or args.dtype, "guidance_scale": args.guidance_scale,
                     "first_call_s": first, "token_loop_s": loop, "token_loop_all_s": times,
                     "images_per_s": batch / loop, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-                    "floor_s": floor_seconds(model, batch * (2 if args.guidance_scale != 1 else 1), bandwidth),
+                    "floor_recurrent_s": floors["recurrent"], "floor_dual_s": floors["dual"],
+                    "floor_s": min(floors.values()),
                 }  # fmt: skip
                 row["ratio_to_floor"] = loop / row["floor_s"]
                 if vq is not None:
@@ -132,7 +154,7 @@ def main() -> None:
                     row["images_per_s_with_vq"] = batch / (loop + decode)
                 rows.append(row)
                 print(
-                    f"{preset:7s} batch {batch:4d} {mode:5s}: loop {loop:8.3f} s  {row['images_per_s']:8.1f} img/s  "
+                    f"{preset:7s} batch {batch:4d} {mode:14s}: loop {loop:8.3f} s  {row['images_per_s']:8.1f} img/s  "
                     f"first {first:6.1f} s  floor {row['floor_s']:.3f} s (x{row['ratio_to_floor']:.1f})  "
                     f"peak {row['peak_memory_gib']:.1f} GiB",
                     flush=True,
@@ -150,10 +172,10 @@ def main() -> None:
     with atomic_path(args.json) as tmp:
         tmp.write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, {result['date']}")
-    print(f"{'preset':8s}{'batch':>6s}{'mode':>7s}{'loop s':>9s}{'img/s':>9s}{'x floor':>9s}{'first s':>9s}")
+    print(f"{'preset':8s}{'batch':>6s}{'mode':>16s}{'loop s':>9s}{'img/s':>9s}{'x floor':>9s}{'first s':>9s}")
     for r in rows:
         print(
-            f"{r['preset']:8s}{r['batch']:6d}{r['mode']:>7s}{r['token_loop_s']:9.3f}{r['images_per_s']:9.1f}"
+            f"{r['preset']:8s}{r['batch']:6d}{r['mode']:>16s}{r['token_loop_s']:9.3f}{r['images_per_s']:9.1f}"
             f"{r['ratio_to_floor']:9.1f}{r['first_call_s']:9.1f}"
         )
 

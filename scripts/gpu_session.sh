@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Everything this repository measures on a GPU machine, in one call (device time is scarce):
-# kernels, the GPU tests, numerics, generation and training benchmarks. Results go to $OUT.
-#   carry: .wheels (diffusers wheel, `pip download diffusers==0.42.1 --no-deps -d .wheels`) and
-#   .kernel-pack (from scripts/pack_kernels.sh; without it mamba-ssm is built, ~6.5 min).
-# Usage: bash scripts/gpu_session.sh [seconds for the generation benchmark]
+# Everything this repository measures on a GPU machine, in as few calls as device time allows.
+# Results and logs go to $OUT. Stages (default: all, in this order):
+#   tests       the GPU tests (kernels, CUDA-graph decoder, memory split, Triton kernels)
+#   generation  scripts/benchmark.py: AiM-B and AiM-XL, batch 1-256, both cache forms, eager baseline
+#   profile     scripts/profile_step.py for AiM-B batch 256 and AiM-XL batch 1
+#   training    scripts/benchmark_training.py: AiM-B/L, pure-PyTorch mixer vs mamba-ssm kernels
+#   ddp         tests/test_distributed.py on two GPUs with NCCL (needs a two-GPU machine)
+# carry: .wheels (diffusers, datasets, dill, multiprocess wheels: the GPU image lacks them) and
+# .kernel-pack (scripts/pack_kernels.sh; without it mamba-ssm is built, ~6.5 min).
+# Usage: bash scripts/gpu_session.sh [stage ...]
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -15,11 +20,28 @@ else
   bash ../shared/kernels/build-on-gpu.sh && bash scripts/pack_kernels.sh "$out/kernel-pack"
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider -p no:logging >"$out/tests.log" 2>&1
-tail -3 "$out/tests.log"
-timeout "${1:-300}" python3 scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 64 256 \
-  --baseline-batch-sizes 1 --repeats 2 --vq --json "$out/generation.json" >"$out/generation.log" 2>&1
-tail -12 "$out/generation.log"
-timeout 200 python3 scripts/profile_step.py --preset AiM-B --batch 256 >"$out/profile.log" 2>&1
-timeout 200 python3 scripts/benchmark_training.py --json "$out/training.json" >"$out/training.log" 2>&1
-tail -6 "$out/training.log"
+pytest=(python3 -m pytest -q -p no:cacheprovider -p no:logging)
+for stage in "${@:-tests generation profile training}"; do
+  for s in $stage; do
+    echo "== $s ($(date -u +%T))"
+    case $s in
+      tests)
+        timeout 240 "${pytest[@]}" -m gpu tests/test_gpu.py tests/test_triton_ssm.py >"$out/tests.log" 2>&1
+        tail -3 "$out/tests.log" ;;
+      generation)
+        timeout 330 python3 scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 64 256 \
+          --baseline-batch-sizes 1 --repeats 2 --vq --json "$out/generation.json" >"$out/generation.log" 2>&1
+        tail -20 "$out/generation.log" ;;
+      profile)
+        timeout 60 python3 scripts/profile_step.py --preset AiM-B --batch 256 --rows 25 >"$out/profile-b256.log" 2>&1
+        timeout 60 python3 scripts/profile_step.py --preset AiM-XL --batch 1 --rows 25 >"$out/profile-xl1.log" 2>&1 ;;
+      training)
+        timeout 330 python3 scripts/benchmark_training.py --json "$out/training.json" >"$out/training.log" 2>&1
+        tail -8 "$out/training.log" ;;
+      ddp)
+        OMP_NUM_THREADS=1 timeout 240 "${pytest[@]}" -s -m gpu tests/test_distributed.py >"$out/ddp.log" 2>&1
+        tail -5 "$out/ddp.log" ;;
+      *) echo "unknown stage $s" ;;
+    esac
+  done
+done

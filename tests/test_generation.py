@@ -38,7 +38,11 @@ def teacher_forced_decode(model, codes, labels, guidance_scale, start=0):
     return torch.stack(logits, 1)
 
 
-def test_cached_steps_equal_forward(tiny_model):
+@pytest.mark.parametrize("form", ["recurrent", "dual"])
+def test_cached_steps_equal_forward(tiny_model, form, monkeypatch):
+    """Both forms of the decoding cache: steps from the recurrent state or from the dual form's
+    history give the forward's logits."""
+    monkeypatch.setattr(tiny_model.config, "decode_cache", form)
     codes = torch.randint(0, 37, (3, 16))
     labels = torch.tensor([0, 3, 4])
     forward = tiny_model(codes, labels).logits
@@ -49,11 +53,13 @@ def test_cached_steps_equal_forward(tiny_model):
 
 @pytest.mark.parametrize("original_positions", [True, False])
 @pytest.mark.parametrize("guidance_scale", [1.0, 1.75])
-def test_decoding_matches_reference(original_positions, guidance_scale):
+@pytest.mark.parametrize("form", ["recurrent", "dual"])
+def test_decoding_matches_reference(original_positions, guidance_scale, form):
     cfg = ref_config(adaln_group=True, num_groups=2)
     sd = random_original_state_dict(cfg, seed=5)
     model = load_original(sd, dtype=torch.float64)
     model.config.original_decode_positions = original_positions
+    model.config.decode_cache = form
     codes = torch.randint(0, 37, (2, 16))
     labels = torch.tensor([1, 4])
     ours = teacher_forced_decode(model, codes, labels, guidance_scale)

@@ -61,8 +61,11 @@ def test_kernels_match_pure_path(aim_b, reference, dtype):
     assert rel_err(kernels, pure) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("form", ["recurrent", "dual"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype):
+def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, form):
+    """The graph decoder (compiled step, Triton kernels, either cache form) against the eager
+    loop with the recurrent cache (mamba-ssm's step kernels where installed)."""
     model = aim_b.to(dtype)
     g = torch.Generator().manual_seed(1)
     batch, scale = 4, 2.0
@@ -75,8 +78,12 @@ def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype):
         eager.append(logits)
         return codes[:, t]
 
+    model.config.decode_cache = "recurrent"
     model.decode(labels, codes[:, :0], scale, choose)  # eager teacher-forced logits of codes 0..255
+    model.config.decode_cache = form
     decoder = model.graph_decoder(batch, scale, 1.0, 0, 1.0)
+    model.config.decode_cache = "auto"
+    assert decoder.cache.form == form
     free = decoder.run(labels, codes[:, :1], uniforms[:, 1:])  # compiles and captures
     assert torch.equal(free[:, :1], codes[:, :1])
     decoder.prefill(labels, codes[:, :1], uniforms[:, 1:])

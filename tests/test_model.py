@@ -1,5 +1,7 @@
 """The stage-2 model: config, presets, the Mamba2 scan, save/load, training."""
 
+import functools
+
 import pytest
 import torch
 from conftest import randomize, tiny_config
@@ -7,7 +9,8 @@ from transformers import AutoConfig, AutoModel
 
 from aim_hf import AiMConfig, AiMForImageGeneration
 from aim_hf.conversion import regroup_adaln
-from aim_hf.mamba2 import ssd_chunk_scan, ssm_step
+from aim_hf.modeling_aim import AiMCache
+from aim_hf.mamba2 import LayerCache, ssd_chunk_scan, ssm_dual_step, ssm_step
 
 # float64 everywhere: rounding is ~1e-16 per operation, so 1e-10 leaves room for a few thousand
 # accumulated operations and still catches any real mistake (those are O(1e-2) or larger).
@@ -35,11 +38,33 @@ def test_preset_parameter_counts(name, millions):
         ({"num_hidden_layers": 6, "adaln_groups": 4}, "must divide"),
         ({"state_dtype": "int8"}, "state_dtype"),
         ({"class_dropout_prob": 1.5}, "class_dropout_prob"),
+        (
+            {"decode_cache": "attention"},
+            r"decode_cache must be one of \('auto', 'recurrent', 'dual'\), got 'attention'",
+        ),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**kwargs)
+
+
+def test_cache_forms_and_sizes():
+    """The dual history's size per row, the "auto" choice (recurrent off CUDA) and a bad form."""
+    config = tiny_config()
+    dual = AiMCache.row_bytes(config, torch.bfloat16, "dual")
+    t, layers = config.num_tokens, config.num_hidden_layers
+    assert dual["xs"] == layers * t * config.intermediate_size * 2
+    assert dual["log_decays"] == dual["dts"] == layers * t * config.num_heads * 4  # float32 for bf16
+    assert AiMCache(config, 3, torch.float32, "cpu", "dual").nbytes() == 3 * sum(
+        AiMCache.row_bytes(config, torch.float32, "dual").values()
+    )
+    model = AiMForImageGeneration(config)
+    assert model.cache_form(512, torch.device("cpu")) == "recurrent"
+    model.config.decode_cache = "dual"
+    assert model.cache_form(1, torch.device("cpu")) == "dual"
+    with pytest.raises(ValueError, match="unknown cache form 'ring'; allowed: \\('recurrent', 'dual'\\)"):
+        AiMCache(config, 1, torch.float32, "cpu", "ring")
 
 
 def test_unknown_preset():
@@ -79,11 +104,44 @@ def test_chunked_scan_matches_sequential(chunk_size, length, groups):
     y_ref, final_ref = sequential_scan(x, dt, A, B, C, init)
     assert rel_err(y, y_ref) < RTOL
     assert rel_err(final, final_ref) < RTOL
-    # the single-step update is the same recurrence
+    # the single-step update is the same recurrence (it takes dt before softplus)
+    raw, bias = torch.log(torch.expm1(dt)) - 0.25, torch.full((h,), 0.25, dtype=torch.float64)
     state = init.clone()
-    ys = [ssm_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t]) for t in range(length)]
+    ys = [ssm_step(state, x[:, t], raw[:, t], bias, A, B[:, t], C[:, t]) for t in range(length)]
     assert rel_err(torch.stack(ys, 1), y_ref) < RTOL
     assert rel_err(state, final_ref) < RTOL
+
+
+@pytest.mark.parametrize("prefill,groups", [(0, 1), (1, 2), (5, 1)])
+def test_dual_step_matches_sequential(prefill, groups):
+    """The dual form from its history (filled by a prefix, then one step at a time) gives the
+    recurrence's outputs, float64 to 1e-10, and each step appends exactly one position."""
+    g = torch.Generator().manual_seed(prefill)
+    b, length, capacity, h, p, n = 2, 9, 12, 4, 3, 5
+    x = torch.randn(b, length, h, p, generator=g, dtype=torch.float64)
+    dt = torch.rand(b, length, h, generator=g, dtype=torch.float64) * 0.5 + 0.01
+    A = -(torch.rand(h, generator=g, dtype=torch.float64) * 3 + 0.5)
+    B = torch.randn(b, length, groups, n, generator=g, dtype=torch.float64)
+    C = torch.randn(b, length, groups, n, generator=g, dtype=torch.float64)
+    y_ref, _ = sequential_scan(x, dt, A, B, C)
+    new = functools.partial(torch.zeros, dtype=torch.float64)
+    cache = LayerCache(
+        conv=new(b, 1, 1), length=torch.tensor(prefill), xs=new(b, capacity, h, p),
+        Bs=new(b, capacity, groups, n), dts=new(b, capacity, h), log_decays=new(b, capacity, h),
+    )  # fmt: skip
+    cache.xs[:, :prefill], cache.Bs[:, :prefill], cache.dts[:, :prefill] = (
+        x[:, :prefill],
+        B[:, :prefill],
+        dt[:, :prefill],
+    )
+    cache.log_decays[:, :prefill] = torch.cumsum(dt[:, :prefill] * A, dim=1)
+    raw, bias = torch.log(torch.expm1(dt)), torch.zeros(h, dtype=torch.float64)
+    for t in range(prefill, length):
+        y = ssm_dual_step(cache, x[:, t], raw[:, t], bias, A, B[:, t], C[:, t])
+        cache.length.add_(1)
+        assert rel_err(y, y_ref[:, t]) < RTOL
+    assert rel_err(cache.xs[:, :length], x) < RTOL and not cache.xs[:, length:].any()
+    assert rel_err(cache.log_decays[:, :length], torch.cumsum(dt * A, dim=1)) < RTOL
 
 
 def test_half_precision_scan_accumulates_in_float32():

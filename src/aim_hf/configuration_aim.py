@@ -29,6 +29,7 @@ PRESETS: dict[str, dict] = {
 }
 
 STATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+DECODE_CACHES = ("auto", "recurrent", "dual")
 
 
 class AiMConfig(PretrainedConfig):
@@ -55,6 +56,10 @@ class AiMConfig(PretrainedConfig):
             weights' dtype, as mamba-ssm does (the update itself always computes in float32).
             scripts/numerics.py found a bf16 state adds no measurable error to bf16 weights' and
             it halves the bytes that bound large-batch decoding (BENCHMARKS.md).
+        decode_cache: the SSM's memory in generation: "recurrent" (the state, read and written
+            every step), "dual" (the history of x, B and the decays, written once and read after:
+            about half the bytes for 256 tokens, more memory) or "auto" (dual on CUDA once the
+            rows' state outweighs the weights, see ``AiMForImageGeneration.cache_form``).
         default_guidance_scale: classifier-free guidance used when a call names none (the paper's
             evaluation setting for the presets).
     """
@@ -84,6 +89,7 @@ class AiMConfig(PretrainedConfig):
         use_triton_kernels: bool = True,
         use_cuda_graphs: bool = True,
         state_dtype: str | None = None,
+        decode_cache: str = "auto",
         default_guidance_scale: float = 2.0,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
@@ -110,6 +116,7 @@ class AiMConfig(PretrainedConfig):
         self.use_triton_kernels = use_triton_kernels
         self.use_cuda_graphs = use_cuda_graphs
         self.state_dtype = state_dtype
+        self.decode_cache = decode_cache
         self.default_guidance_scale = default_guidance_scale
         self.initializer_range = initializer_range
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -154,6 +161,10 @@ class AiMConfig(PretrainedConfig):
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(
                 f"AiMConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}"
+            )
+        if self.decode_cache not in DECODE_CACHES:
+            raise ValueError(
+                f"AiMConfig.decode_cache must be one of {DECODE_CACHES}, got {self.decode_cache!r}"
             )
         if self.state_dtype is not None and self.state_dtype not in STATE_DTYPES:
             raise ValueError(

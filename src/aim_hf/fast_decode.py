@@ -29,7 +29,7 @@ def compiled_block_step() -> Callable:
 
 
 class CUDAGraphDecoder:
-    """Generation for one (batch, guidance, filters) setting on one CUDA device.
+    """Generation for one (batch, guidance, filters, cache form) setting on one CUDA device.
 
     ``run(labels, prefix, uniforms)`` returns the codes (batch, num_tokens). The prefix pass runs
     eagerly (its length varies); every later step is a replay of the captured graph.
@@ -43,6 +43,7 @@ class CUDAGraphDecoder:
         temperature: float,
         top_k: int,
         top_p: float,
+        form: str = "recurrent",
     ):
         config = model.config
         self.model = model
@@ -50,7 +51,7 @@ class CUDAGraphDecoder:
         self.settings = (guidance_scale, temperature, top_k, top_p)
         rows = 2 * batch if self.guided else batch
         device, dtype = model.device, model.dtype
-        self.cache = AiMCache(config, rows, dtype, device)
+        self.cache = AiMCache(config, rows, dtype, device, form)
         self.codes = torch.zeros(batch, config.num_tokens, dtype=torch.long, device=device)
         self.uniforms = torch.zeros(batch, config.num_tokens, dtype=torch.float64, device=device)
         self.t = torch.zeros((), dtype=torch.long, device=device)  # index of the code being fed
@@ -87,6 +88,7 @@ class CUDAGraphDecoder:
         with torch.cuda.stream(stream):
             for _ in range(3):  # compile and warm up outside the graph
                 self.t.zero_()
+                self.cache.length.zero_()
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()

@@ -9,6 +9,7 @@ float64 in float64.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,23 +89,98 @@ def ssd_chunk_scan(
     return y, state
 
 
+class LayerCache(NamedTuple):
+    """One layer's part of a decoding cache (``modeling_aim.AiMCache``).
+
+    ``conv`` (b, conv_dim, k) holds the last conv inputs; ``length`` (a 0-d long tensor on the
+    device) counts the positions seen. The SSM's memory takes one of two forms: the recurrent
+    ``state`` (b, h, p, n), read and written every step, or the history of the quadratic ("dual")
+    form, written once per position and only read afterwards: ``xs`` (b, T, h, p), ``Bs``
+    (b, T, g, n), ``dts`` (b, T, h) after softplus and ``log_decays`` (b, T, h), the running sum
+    of ``dt * A``. For 256-token images the history moves about half the bytes of the state.
+    """
+
+    conv: torch.Tensor
+    length: torch.Tensor
+    state: torch.Tensor | None = None
+    xs: torch.Tensor | None = None
+    Bs: torch.Tensor | None = None
+    dts: torch.Tensor | None = None
+    log_decays: torch.Tensor | None = None
+
+
+def softplus_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return F.softplus(dt.to(dtype) + dt_bias.to(dtype))
+
+
+def conv_step(
+    xbc: torch.Tensor, conv: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """One step of the depthwise causal conv and SiLU: appends xbc (b, c) to the window ``conv``
+    (b, c, k) in place and returns the activation (b, c) in xbc's dtype, computed in float32."""
+    conv.copy_(torch.cat([conv[..., 1:], xbc.unsqueeze(-1).to(conv.dtype)], dim=-1))
+    dtype = compute_dtype(xbc.dtype)
+    out = (conv.to(dtype) * weight.to(dtype)).sum(-1)
+    if bias is not None:
+        out = out + bias.to(dtype)
+    return F.silu(out).to(xbc.dtype)
+
+
 def ssm_step(
-    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
 ) -> torch.Tensor:
     """One recurrent step, updating ``state`` (b, h, p, n) in place; returns y (b, h, p).
 
-    x (b, h, p), dt (b, h) after softplus, A (h,), B and C (b, g, n). Computed in float32 (or
-    float64) whatever the state's storage dtype.
+    x (b, h, p), dt (b, h) before softplus, dt_bias and A (h,), B and C (b, g, n). Computed in
+    float32 (or float64) whatever the state's storage dtype; the D skip is left to the caller.
     """
     h, g = x.shape[1], B.shape[1]
     dtype = torch.promote_types(compute_dtype(x.dtype), compute_dtype(state.dtype))
-    x, dt, B, C = x.to(dtype), dt.to(dtype), B.to(dtype), C.to(dtype)
+    x, B, C = x.to(dtype), B.to(dtype), C.to(dtype)
+    dt = softplus_dt(dt, dt_bias, dtype)
     B = B.repeat_interleave(h // g, dim=1)
     C = C.repeat_interleave(h // g, dim=1)
     decay = torch.exp(dt * A.to(dtype))
     new = state.to(dtype) * decay[:, :, None, None] + (dt[:, :, None] * x)[..., None] * B[:, :, None, :]
     state.copy_(new)
     return (new * C[:, :, None, :]).sum(-1)  # a plain product-sum, which torch.compile fuses
+
+
+def ssm_dual_step(
+    cache: LayerCache,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+) -> torch.Tensor:
+    """The same step in the dual form: appends x, B, dt and the log-decay at ``cache.length`` to
+    the history, then ``y = sum_s (C . B_s) exp(L_t - L_s) dt_s x_s`` over every position so far.
+    Same arguments and result as ``ssm_step``; the reference for ``triton_ssm.ssm_dual_update``."""
+    h, g = x.shape[1], B.shape[1]
+    dtype = torch.promote_types(compute_dtype(x.dtype), cache.log_decays.dtype)
+    dt = softplus_dt(dt, dt_bias, dtype)
+    t = cache.length.view(1)
+    previous = cache.log_decays.index_select(1, (t - 1).clamp(min=0)).squeeze(1) * (t > 0)
+    log_decay = previous + dt * A.to(dtype)
+    for history, value in zip(
+        (cache.xs, cache.Bs, cache.dts, cache.log_decays), (x, B, dt, log_decay), strict=True
+    ):
+        history.index_copy_(1, t, value.unsqueeze(1).to(history.dtype))
+    seen = torch.arange(cache.xs.shape[1], device=x.device) <= t  # (T,)
+    scores = torch.einsum("bsgn,bgn->bsg", cache.Bs.to(dtype), C.to(dtype)).repeat_interleave(h // g, dim=2)
+    decay = torch.exp(
+        (log_decay[:, None] - cache.log_decays.to(dtype)).masked_fill(~seen[:, None], -math.inf)
+    )
+    weights = scores * decay * cache.dts.to(dtype)  # (b, T, h)
+    return torch.einsum("bsh,bshp->bhp", weights, cache.xs.to(dtype))
 
 
 class GatedRMSNorm(nn.Module):
@@ -163,9 +239,9 @@ class Mamba2Mixer(nn.Module):
             and not torch.compiler.is_compiling()
         )
 
-    def use_triton(self, state: torch.Tensor, x: torch.Tensor) -> bool:
-        """This package's Triton state update (``triton_ssm``) on CUDA, compiled or not."""
-        return self.config.use_triton_kernels and state.is_cuda and triton_ssm.supported(state, x)
+    def use_triton(self, tensor: torch.Tensor) -> bool:
+        """This package's Triton step kernels (``triton_ssm``) on CUDA, compiled or not."""
+        return self.config.use_triton_kernels and tensor.is_cuda and triton_ssm.supported(tensor)
 
     def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
@@ -179,21 +255,18 @@ class Mamba2Mixer(nn.Module):
             C.unflatten(-1, (self.n_groups, self.state_size)),
         )
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        conv_state: torch.Tensor | None = None,
-        ssm_state: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """A whole sequence (b, l, d). Where ``conv_state`` and ``ssm_state`` are given (a cache
-        for decoding, starting empty), they are filled with the states after the last step."""
+    def forward(self, hidden_states: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """A whole sequence (b, l, d). With a ``cache`` (a decoding cache, starting empty) the
+        conv window and the SSM's memory after the last position are written into it."""
         b, length, _ = hidden_states.shape
         z, xbc, dt = self._split(self.in_proj(hidden_states))
         xbc_t = xbc.transpose(1, 2)
-        if conv_state is not None:  # keep the last conv_kernel inputs, left-padded with zeros
-            k = conv_state.shape[-1]
-            conv_state.copy_(F.pad(xbc_t, (max(k - length, 0), 0))[..., -k:])
-        A = -torch.exp(self.A_log.to(compute_dtype(self.A_log.dtype)))
+        if cache is not None:  # keep the last conv_kernel inputs, left-padded with zeros
+            k = cache.conv.shape[-1]
+            cache.conv.copy_(F.pad(xbc_t, (max(k - length, 0), 0))[..., -k:])
+        dtype = compute_dtype(self.A_log.dtype)
+        A = -torch.exp(self.A_log.to(dtype))
+        want_state = cache is not None and cache.state is not None
         if self.use_kernels(hidden_states):
             xbc = causal_conv1d_fn(
                 xbc_t.contiguous(), self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
@@ -201,47 +274,52 @@ class Mamba2Mixer(nn.Module):
             x, B, C = self._split_xbc(xbc)
             out = mamba_chunk_scan_combined(
                 x, dt, A, B, C, chunk_size=self.config.chunk_size, D=self.D, dt_bias=self.dt_bias,
-                dt_softplus=True, return_final_states=ssm_state is not None,
+                dt_softplus=True, return_final_states=want_state,
             )  # fmt: skip
-            y, final = out if ssm_state is not None else (out, None)
+            y, final = out if want_state else (out, None)
         else:
             xbc = F.silu(self.conv1d(xbc_t)[..., :length].transpose(1, 2))
             x, B, C = self._split_xbc(xbc)
-            dt = F.softplus(dt.to(compute_dtype(dt.dtype)) + self.dt_bias.to(compute_dtype(dt.dtype)))
-            y, final = ssd_chunk_scan(x, dt, A, B, C, self.config.chunk_size)
+            y, final = ssd_chunk_scan(
+                x, softplus_dt(dt, self.dt_bias, dtype), A, B, C, self.config.chunk_size
+            )
             y = y + x.to(y.dtype) * self.D.to(y.dtype)[:, None]
-        if ssm_state is not None:
-            ssm_state.copy_(final)
+        if want_state:
+            cache.state.copy_(final)
+        elif cache is not None:  # the dual form's history of the first ``length`` positions
+            dt = softplus_dt(dt, self.dt_bias, cache.log_decays.dtype)
+            for history, value in zip(
+                (cache.xs, cache.Bs, cache.dts, cache.log_decays),
+                (x, B, dt, torch.cumsum(dt * A.to(dt.dtype), dim=1)),
+                strict=True,
+            ):
+                history[:, :length] = value
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y.to(self.out_proj.weight.dtype))
 
-    def step(
-        self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor
-    ) -> torch.Tensor:
-        """One decoding step (b, d) -> (b, d), updating both states in place."""
+    def step(self, hidden_states: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """One decoding step (b, d) -> (b, d), updating the cache in place."""
         z, xbc, dt = self._split(self.in_proj(hidden_states))
         A = -torch.exp(self.A_log.to(compute_dtype(self.A_log.dtype)))
-        if self.use_kernels(hidden_states):
-            xbc = causal_conv1d_update(
-                xbc, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
-            )
+        weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        if self.use_kernels(hidden_states) and cache.state is not None:
+            xbc = causal_conv1d_update(xbc, cache.conv, weight, bias, activation="silu")
             x, B, C = self._split_xbc(xbc)
             p, n = self.head_dim, self.state_size
             y = selective_state_update(
-                ssm_state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n), B, C,
+                cache.state, x, dt[..., None].expand(-1, -1, p), A[:, None, None].expand(-1, p, n), B, C,
                 self.D[:, None].expand(-1, p), dt_bias=self.dt_bias[:, None].expand(-1, p), dt_softplus=True,
             )  # fmt: skip
         else:
-            conv_state.copy_(torch.cat([conv_state[..., 1:], xbc.unsqueeze(-1).to(conv_state.dtype)], dim=-1))
-            weight = self.conv1d.weight.squeeze(1)
-            xbc = (conv_state * weight).sum(-1)
-            if self.conv1d.bias is not None:
-                xbc = xbc + self.conv1d.bias
-            xbc = F.silu(xbc)
+            triton = self.use_triton(hidden_states)
+            xbc = (triton_ssm.conv_update if triton else conv_step)(xbc, cache.conv, weight, bias)
             x, B, C = self._split_xbc(xbc)
-            dt = F.softplus(dt.to(compute_dtype(dt.dtype)) + self.dt_bias.to(compute_dtype(dt.dtype)))
-            update = triton_ssm.ssm_update if self.use_triton(ssm_state, x) else ssm_step
-            y = update(ssm_state, x, dt, A, B, C)
+            if cache.state is not None:
+                update = triton_ssm.ssm_update if triton else ssm_step
+                y = update(cache.state, x, dt, self.dt_bias, A, B, C)
+            else:
+                update = triton_ssm.ssm_dual_update if triton else ssm_dual_step
+                y = update(cache, x, dt, self.dt_bias, A, B, C)
             y = y + x.to(y.dtype) * self.D.to(y.dtype)[:, None]
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y.to(self.out_proj.weight.dtype))

@@ -14,8 +14,9 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from . import triton_ssm
 from .configuration_aim import AiMConfig
-from .mamba2 import GatedRMSNorm, Mamba2Mixer, compute_dtype
+from .mamba2 import GatedRMSNorm, LayerCache, Mamba2Mixer, compute_dtype
 from .sampling import check_sampling_args, draw_uniforms, filter_logits, guide, sample_inverse_cdf
 
 
@@ -47,39 +48,75 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class AiMCache:
-    """The recurrent state of every layer for one batch, allocated once for a whole generation."""
+    """Everything decoding keeps for one batch, every layer stacked, allocated once per generation.
 
-    def __init__(self, config: AiMConfig, batch_size: int, dtype: torch.dtype, device: torch.device | str):
-        conv_shape, ssm_shape = self.shapes(config, batch_size)
-        self.conv_states = torch.zeros(conv_shape, dtype=dtype, device=device)
-        self.ssm_states = torch.zeros(ssm_shape, dtype=self.state_dtype(config, dtype), device=device)
+    ``form`` is the SSM's memory (``mamba2.LayerCache``): "recurrent", the state (b, h, p, n) per
+    layer, or "dual", the history of the quadratic form for ``config.num_tokens`` positions.
+    """
+
+    FORMS = ("recurrent", "dual")
+
+    def __init__(
+        self,
+        config: AiMConfig,
+        batch_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        form: str = "recurrent",
+    ):
+        if form not in self.FORMS:
+            raise ValueError(f"unknown cache form {form!r}; allowed: {self.FORMS}")
+        self.form = form
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+        shapes = self.shapes(config, batch_size, form)
+        dtypes = self.dtypes(config, dtype, form)
+        self.tensors = {
+            name: torch.zeros(shape, dtype=dtypes[name], device=device) for name, shape in shapes.items()
+        }
 
     @staticmethod
-    def shapes(config: AiMConfig, batch_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Shapes of the conv window and of the SSM state, every layer stacked."""
-        n, conv_dim = (
-            config.num_hidden_layers,
-            config.intermediate_size + 2 * config.n_groups * config.state_size,
-        )
-        return (
-            (n, batch_size, conv_dim, config.conv_kernel),
-            (n, batch_size, config.num_heads, config.head_dim, config.state_size),
-        )
+    def shapes(config: AiMConfig, batch_size: int, form: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of the cache's tensors (the fields of ``LayerCache``), every layer stacked."""
+        n, b, h, p = config.num_hidden_layers, batch_size, config.num_heads, config.head_dim
+        conv_dim = config.intermediate_size + 2 * config.n_groups * config.state_size
+        shapes = {"conv": (n, b, conv_dim, config.conv_kernel)}
+        if form == "recurrent":
+            return {**shapes, "state": (n, b, h, p, config.state_size)}
+        t = config.num_tokens  # positions ever fed: the class token and all codes but the last
+        return {
+            **shapes,
+            "xs": (n, b, t, h, p),
+            "Bs": (n, b, t, config.n_groups, config.state_size),
+            "dts": (n, b, t, h),
+            "log_decays": (n, b, t, h),
+        }
 
     @staticmethod
-    def state_dtype(config: AiMConfig, dtype: torch.dtype) -> torch.dtype:
-        """``config.state_dtype``, or the weights' dtype; float64 references keep float64."""
-        if config.state_dtype is None or dtype == torch.float64:
-            return dtype
-        return getattr(torch, config.state_dtype)
+    def dtypes(config: AiMConfig, dtype: torch.dtype, form: str) -> dict[str, torch.dtype]:
+        """The weights' dtype, but the recurrent state in ``config.state_dtype`` when set, and dt
+        and the log-decays in the compute dtype (float32 for half-precision weights)."""
+        state = (
+            dtype
+            if config.state_dtype is None or dtype == torch.float64
+            else getattr(torch, config.state_dtype)
+        )
+        exact = compute_dtype(dtype)
+        return {"conv": dtype, "state": state, "xs": dtype, "Bs": dtype, "dts": exact, "log_decays": exact}
 
     @classmethod
-    def row_bytes(cls, config: AiMConfig, dtype: torch.dtype) -> tuple[int, int]:
-        """Bytes of the conv window and of the SSM state of one row (one sequence)."""
-        conv_shape, ssm_shape = cls.shapes(config, 1)
-        return math.prod(conv_shape) * dtype.itemsize, math.prod(ssm_shape) * cls.state_dtype(
-            config, dtype
-        ).itemsize
+    def row_bytes(cls, config: AiMConfig, dtype: torch.dtype, form: str = "recurrent") -> dict[str, int]:
+        """Bytes of each of the cache's tensors for one row (one sequence)."""
+        dtypes = cls.dtypes(config, dtype, form)
+        return {
+            name: math.prod(shape) * dtypes[name].itemsize
+            for name, shape in cls.shapes(config, 1, form).items()
+        }
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(length=self.length, **{name: t[i] for name, t in self.tensors.items()})
 
 
 class AiMBlock(GradientCheckpointingLayer):
@@ -97,8 +134,7 @@ class AiMBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         residual: torch.Tensor | None,
         modulation: torch.Tensor,
-        conv_state: torch.Tensor | None = None,
-        ssm_state: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
         step: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``modulation`` (batch, 3, d) is this layer's adaLN group; ``step`` decodes one token."""
@@ -109,9 +145,9 @@ class AiMBlock(GradientCheckpointingLayer):
         shift, scale, gate = modulation.unbind(1)
         hidden_states = modulate(self.norm(residual), shift, scale)
         if step:
-            hidden_states = self.mixer.step(hidden_states, conv_state, ssm_state)
+            hidden_states = self.mixer.step(hidden_states, cache)
         else:
-            hidden_states = self.mixer(hidden_states, conv_state, ssm_state)
+            hidden_states = self.mixer(hidden_states, cache)
         gate = gate.unsqueeze(1) if hidden_states.dim() == 3 else gate
         return gate * hidden_states, residual
 
@@ -121,11 +157,10 @@ def block_step(
     hidden_states: torch.Tensor,
     residual: torch.Tensor | None,
     modulation: torch.Tensor,
-    conv_state: torch.Tensor,
-    ssm_state: torch.Tensor,
+    cache: LayerCache,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block's decoding step, as a plain function so that one compiled copy serves every layer."""
-    return layer(hidden_states, residual, modulation, conv_state, ssm_state, step=True)
+    return layer(hidden_states, residual, modulation, cache, step=True)
 
 
 class AiMPreTrainedModel(PreTrainedModel):
@@ -201,7 +236,7 @@ class AiMModel(AiMPreTrainedModel):
     ) -> torch.Tensor:
         """Hidden states (b, 1 + m, d) for the class token followed by ``tokens`` (b, m).
 
-        With a ``cache`` the recurrent states after the last position are written into it.
+        With a ``cache`` (empty) the decoding state after the last position is written into it.
         ``positions`` are those of ``tokens`` (default ``0..m-1``, training's convention)."""
         c, groups, final = self.condition(class_labels)
         if positions is None:
@@ -210,10 +245,12 @@ class AiMModel(AiMPreTrainedModel):
         hidden_states = torch.cat([c.unsqueeze(1), embedded], dim=1)
         residual = None
         for i, layer in enumerate(self.layers):
-            states = (cache.conv_states[i], cache.ssm_states[i]) if cache is not None else (None, None)
+            layer_cache = cache.layer(i) if cache is not None else None
             hidden_states, residual = layer(
-                hidden_states, residual, groups[:, i % self.config.adaln_groups], *states
+                hidden_states, residual, groups[:, i % self.config.adaln_groups], layer_cache
             )
+        if cache is not None:
+            cache.length.fill_(hidden_states.shape[1])
         return self.finish(hidden_states, residual, final)
 
     def finish(
@@ -238,9 +275,9 @@ class AiMModel(AiMPreTrainedModel):
         residual = None
         for i, layer in enumerate(self.layers):
             hidden_states, residual = run_block(
-                layer, hidden_states, residual, groups[:, i % self.config.adaln_groups],
-                cache.conv_states[i], cache.ssm_states[i],
-            )  # fmt: skip
+                layer, hidden_states, residual, groups[:, i % self.config.adaln_groups], cache.layer(i)
+            )
+        cache.length.add_(1)
         return self.finish(hidden_states, residual, final)
 
 
@@ -416,34 +453,52 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         return self.decode(labels, prefix, guidance_scale, choose)
 
     def max_batch_size_for(self, guided: bool) -> int:
-        """How many images fit in the free memory of the model's CUDA device: the recurrent cache
-        and the per-row logits work of each image, within 80% of what is free."""
+        """How many images fit in the free memory of the model's CUDA device: the decoding cache
+        (the larger of its two forms) and the per-row logits work of each image, within 80% of
+        what is free."""
         config = self.config
         rows = 2 if guided else 1
-        conv, state = AiMCache.row_bytes(config, self.dtype)
+        cache = max(sum(AiMCache.row_bytes(config, self.dtype, form).values()) for form in AiMCache.FORMS)
         work = (
             config.vocab_size * 32 + config.num_tokens * config.intermediate_size * 4 * 8
         )  # logits, prefix pass
         free, _ = torch.cuda.mem_get_info(self.device)
         decoder = getattr(self, "_graph_decoder", None)
         if decoder is not None:  # its cache is freed or reused by the next call
-            free += sum(
-                t.numel() * t.element_size() for t in (decoder.cache.ssm_states, decoder.cache.conv_states)
-            )
-        return max(1, int(0.8 * free) // (rows * (state + conv + work)))
+            free += decoder.cache.nbytes()
+        return max(1, int(0.8 * free) // (rows * (cache + work)))
+
+    def cache_form(self, rows: int, device: torch.device) -> str:
+        """``config.decode_cache``; "auto" picks the dual form where the SSM's memory, not the
+        weights, bounds a step: on CUDA with the Triton kernels, once the rows' recurrent state
+        outweighs the weights (BENCHMARKS.md compares both forms)."""
+        config = self.config
+        if config.decode_cache != "auto":
+            return config.decode_cache
+        if not (
+            torch.device(device).type == "cuda"
+            and config.use_triton_kernels
+            and triton_ssm.supported(self.lm_head.weight)
+        ):
+            return "recurrent"
+        state = rows * AiMCache.row_bytes(config, self.dtype)["state"]
+        weights = sum(p.numel() for p in self.parameters()) * self.dtype.itemsize
+        return "dual" if state >= weights else "recurrent"
 
     def graph_decoder(self, batch: int, guidance_scale: float, temperature: float, top_k: int, top_p: float):
         """The CUDA-graph decoder for this setting; one is kept (its cache can be large) and
-        rebuilt when the batch, the sampling settings or the weights' storage change."""
+        rebuilt when the batch, the sampling settings, the cache form or the weights' storage
+        change."""
         from .fast_decode import CUDAGraphDecoder
 
         # the graph reads the weights where they were at capture: any move or cast means a new one
         weights = tuple(p.data_ptr() for p in self.parameters())
-        key = (batch, guidance_scale, temperature, top_k, top_p, weights)
+        form = self.cache_form(2 * batch if guidance_scale != 1.0 else batch, self.device)
+        key = (batch, guidance_scale, temperature, top_k, top_p, form, weights)
         decoder = getattr(self, "_graph_decoder", None)
         if decoder is None or decoder.key != key:
             self._graph_decoder = None  # free the old cache first
-            decoder = CUDAGraphDecoder(self, batch, guidance_scale, temperature, top_k, top_p)
+            decoder = CUDAGraphDecoder(self, batch, guidance_scale, temperature, top_k, top_p, form)
             decoder.key = key
             self._graph_decoder = decoder
         return decoder
@@ -467,7 +522,7 @@ class AiMForImageGeneration(AiMPreTrainedModel):
             labels = torch.cat([labels, torch.full_like(labels, config.null_class)])
             prefix = prefix.repeat(2, 1)
         device = prefix.device
-        cache = AiMCache(config, labels.numel(), self.dtype, device)
+        cache = AiMCache(config, labels.numel(), self.dtype, device, self.cache_form(labels.numel(), device))
         was_training = self.training
         self.eval()
         try:

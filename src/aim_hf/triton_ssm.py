@@ -1,16 +1,29 @@
-"""The decoding step's SSM state update as one Triton kernel.
+"""The decoding step's conv and SSM as Triton kernels, one launch each per layer.
 
-At large batch a decoding step is bound by the recurrent state, which it must read and write
-once. Inductor's fusion of the pure step (``mamba2.ssm_step``) ran at about a third of the memory
-bandwidth on an H100 (BENCHMARKS.md); this kernel updates a (head_dim-block x state_size) tile of
-the state in registers, stores it once in the state's dtype and reduces it against C for the
-output, computing in float32 like the pure step. It is used on CUDA, also inside the compiled
-step of the CUDA-graph decoder; the pure step stays the reference.
+A decoding step is bound by launches at small batch and by the SSM's memory at large batch.
+Inductor split the pure step (``mamba2.conv_step`` + ``ssm_step``) into about ten small kernels
+and ran the state update at a third of the memory bandwidth (BENCHMARKS.md). Here:
+
+- ``conv_update``: shift of the conv window, the depthwise conv, bias and SiLU for every channel.
+- ``ssm_update``: the recurrent form; softplus of dt, a (head_dim-block x state) tile of the state
+  updated in registers, stored once in the state's dtype and reduced against C.
+- ``ssm_dual_update``: the dual form; appends this position to the history and sums over the
+  past positions, which are only read (about half the bytes of the state for 256 tokens).
+
+Each has the contract of its pure reference in ``mamba2`` and computes in float32. They run on
+CUDA, also inside the compiled step of the CUDA-graph decoder, and on the CPU under Triton's
+interpreter (``TRITON_INTERPRET=1``) for the tests.
 """
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .mamba2 import LayerCache
 
 try:
     import triton
@@ -23,56 +36,183 @@ except ImportError:
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def _softplus(v):
+        return tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(v)))  # torch's threshold
+
+    @triton.jit
+    def _conv_update_kernel(
+        xbc_ptr, conv_ptr, w_ptr, bias_ptr, out_ptr, channels,
+        x_b, x_c, s_b, s_c, s_k, w_c, w_k, o_b, o_c,
+        K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        k = tl.arange(0, BLOCK_K)
+        valid = (c < channels)[:, None] & (k < K)[None, :]
+        window = c[:, None] * s_c + k[None, :] * s_k + row * s_b
+        older = tl.load(conv_ptr + window + s_k, mask=valid & (k < K - 1)[None, :], other=0.0)
+        new = tl.load(xbc_ptr + row * x_b + c * x_c, mask=c < channels, other=0.0)
+        window_values = tl.where((k == K - 1)[None, :], new[:, None], older)
+        tl.debug_barrier()  # every read of the old window before any write of the new one
+        tl.store(conv_ptr + window, window_values, mask=valid)
+        w = tl.load(w_ptr + c[:, None] * w_c + k[None, :] * w_k, mask=valid, other=0.0)
+        acc = tl.sum(window_values.to(tl.float32) * w.to(tl.float32), axis=1)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
+        out = acc / (1.0 + tl.exp(-acc))
+        tl.store(out_ptr + row * o_b + c * o_c, out.to(out_ptr.dtype.element_ty), mask=c < channels)
+
+    @triton.jit
     def _ssm_update_kernel(
-        state_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr,
-        heads, heads_per_group,
+        state_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_ptr, b_ptr, c_ptr, y_ptr,
+        heads, heads_per_group, P, N,
         s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n, y_b, y_h, y_p,
-        P: tl.constexpr, N: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         batch, head = pid // heads, pid % heads
         group = head // heads_per_group
         p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        n = tl.arange(0, N)
-        rows = p < P
+        n = tl.arange(0, BLOCK_N)
+        rows, cols = p < P, n < N
         dt = tl.load(dt_ptr + batch * dt_b + head * dt_h).to(tl.float32)
+        dt = _softplus(dt + tl.load(dt_bias_ptr + head).to(tl.float32))
         decay = tl.exp(dt * tl.load(a_ptr + head).to(tl.float32))
         x = tl.load(x_ptr + batch * x_b + head * x_h + p * x_p, mask=rows, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + batch * b_b + group * b_g + n * b_n).to(tl.float32)
-        c = tl.load(c_ptr + batch * c_b + group * c_g + n * c_n).to(tl.float32)
+        b = tl.load(b_ptr + batch * b_b + group * b_g + n * b_n, mask=cols, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + batch * c_b + group * c_g + n * c_n, mask=cols, other=0.0).to(tl.float32)
         offsets = batch * s_b + head * s_h + p[:, None] * s_p + n[None, :] * s_n
-        state = tl.load(state_ptr + offsets, mask=rows[:, None], other=0.0).to(tl.float32)
+        tile = rows[:, None] & cols[None, :]
+        state = tl.load(state_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
         state = state * decay + (dt * x)[:, None] * b[None, :]
-        tl.store(state_ptr + offsets, state.to(state_ptr.dtype.element_ty), mask=rows[:, None])
+        tl.store(state_ptr + offsets, state.to(state_ptr.dtype.element_ty), mask=tile)
         y = tl.sum(state * c[None, :], axis=1)
         tl.store(y_ptr + batch * y_b + head * y_h + p * y_p, y, mask=rows)
 
+    @triton.jit
+    def _ssm_dual_update_kernel(
+        xs_ptr, bs_ptr, dts_ptr, ld_ptr, length_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_ptr, b_ptr, c_ptr, y_ptr,
+        heads_per_group, P, N,
+        xs_b, xs_t, xs_h, xs_p, bs_b, bs_t, bs_g, bs_n, d_b, d_t, d_h,
+        x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n, y_b, y_h, y_p,
+        BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        first = tl.program_id(1) * BLOCK_H
+        h = first + tl.arange(0, BLOCK_H)  # BLOCK_H divides heads_per_group: one group per program
+        group = first // heads_per_group
+        p = tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        pm, nm = p < P, n < N
+        t = tl.load(length_ptr)
+        dt = _softplus(tl.load(dt_ptr + row * dt_b + h * dt_h).to(tl.float32) + tl.load(dt_bias_ptr + h))
+        previous = tl.load(ld_ptr + row * d_b + tl.maximum(t - 1, 0) * d_t + h * d_h)
+        log_decay = tl.where(t > 0, previous, 0.0) + dt * tl.load(a_ptr + h).to(tl.float32)
+        x_tile = h[:, None] * x_h + p[None, :] * x_p
+        x = tl.load(x_ptr + row * x_b + x_tile, mask=pm[None, :], other=0.0)
+        b = tl.load(b_ptr + row * b_b + group * b_g + n * b_n, mask=nm, other=0.0)
+        c = tl.load(c_ptr + row * c_b + group * c_g + n * c_n, mask=nm, other=0.0).to(tl.float32)
+        # append position t; the sum below reads only positions before it, so no program reads
+        # what another writes in this launch
+        tl.store(
+            xs_ptr + row * xs_b + t * xs_t + h[:, None] * xs_h + p[None, :] * xs_p,
+            x.to(xs_ptr.dtype.element_ty), mask=pm[None, :],
+        )  # fmt: skip
+        tl.store(dts_ptr + row * d_b + t * d_t + h * d_h, dt)
+        tl.store(ld_ptr + row * d_b + t * d_t + h * d_h, log_decay)
+        if first % heads_per_group == 0:
+            tl.store(
+                bs_ptr + row * bs_b + t * bs_t + group * bs_g + n * bs_n,
+                b.to(bs_ptr.dtype.element_ty),
+                mask=nm,
+            )
+        x = x.to(xs_ptr.dtype.element_ty).to(tl.float32)  # as stored, like the past positions
+        b = b.to(bs_ptr.dtype.element_ty).to(tl.float32)
+        y = (tl.sum(b * c, axis=0) * dt)[:, None] * x
+        for start in range(0, t, BLOCK_T):
+            s = start + tl.arange(0, BLOCK_T)
+            sm = s < t
+            past_b = tl.load(
+                bs_ptr + row * bs_b + s[:, None] * bs_t + group * bs_g + n[None, :] * bs_n,
+                mask=sm[:, None] & nm[None, :], other=0.0,
+            ).to(tl.float32)  # fmt: skip
+            scores = tl.sum(past_b * c[None, :], axis=1)  # (BLOCK_T,)
+            sh = row * d_b + s[:, None] * d_t + h[None, :] * d_h
+            past_ld = tl.load(ld_ptr + sh, mask=sm[:, None], other=0.0)
+            past_dt = tl.load(dts_ptr + sh, mask=sm[:, None], other=0.0)
+            w = scores[:, None] * tl.exp(log_decay[None, :] - past_ld) * past_dt  # (BLOCK_T, BLOCK_H)
+            past_x = tl.load(
+                xs_ptr + row * xs_b + s[:, None, None] * xs_t + h[None, :, None] * xs_h + p[None, None, :] * xs_p,
+                mask=sm[:, None, None] & pm[None, None, :], other=0.0,
+            ).to(tl.float32)  # fmt: skip
+            y += tl.sum(w[:, :, None] * past_x, axis=0)
+        tl.store(y_ptr + row * y_b + h[:, None] * y_h + p[None, :] * y_p, y, mask=pm[None, :])
 
-def supported(state: torch.Tensor, x: torch.Tensor) -> bool:
-    """Triton present, CUDA tensors (or the interpreter), half or single precision, and a state
-    size that is a power of two (the kernel holds a whole row of the state)."""
-    n = state.shape[-1]
-    return (
-        TRITON_AVAILABLE
-        and state.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and x.dtype != torch.float64
-        and n & (n - 1) == 0
-    )
+
+def supported(tensor: torch.Tensor) -> bool:
+    """Triton present and half or single precision (float64 stays on the pure path)."""
+    return TRITON_AVAILABLE and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def conv_update(
+    xbc: torch.Tensor, conv: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Same contract as ``mamba2.conv_step``."""
+    rows, channels = xbc.shape
+    k = conv.shape[-1]
+    out = torch.empty_like(xbc)
+    block_c = 128
+    _conv_update_kernel[(rows, triton.cdiv(channels, block_c))](
+        xbc, conv, weight, bias if bias is not None else weight, out, channels,
+        *xbc.stride(), *conv.stride(), *weight.stride(), *out.stride(),
+        K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK_C=block_c, HAS_BIAS=bias is not None,
+    )  # fmt: skip
+    return out
 
 
 def ssm_update(
-    state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
 ) -> torch.Tensor:
-    """Same contract as ``mamba2.ssm_step``: updates ``state`` (b, h, p, n) in place and returns
-    y (b, h, p) in float32; x (b, h, p), dt (b, h) after softplus, A (h,), B and C (b, g, n)."""
+    """Same contract as ``mamba2.ssm_step``."""
     b, h, p, n = state.shape
     y = torch.empty(b, h, p, dtype=torch.float32, device=state.device)
     block_p = min(16, triton.next_power_of_2(p))
-    grid = (b * h, triton.cdiv(p, block_p))
-    _ssm_update_kernel[grid](
-        state, x, dt, A, B, C, y,
-        h, h // B.shape[1],
+    _ssm_update_kernel[(b * h, triton.cdiv(p, block_p))](
+        state, x, dt, dt_bias, A, B, C, y,
+        h, h // B.shape[1], p, n,
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
-        P=p, N=n, BLOCK_P=block_p,
+        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n),
+    )  # fmt: skip
+    return y
+
+
+def ssm_dual_update(
+    cache: LayerCache,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+) -> torch.Tensor:
+    """Same contract as ``mamba2.ssm_dual_step``."""
+    b, h, p = x.shape
+    g, n = B.shape[1:]
+    if cache.dts.stride() != cache.log_decays.stride():
+        raise ValueError("the dual history's dts and log_decays must share one layout")
+    y = torch.empty(b, h, p, dtype=torch.float32, device=x.device)
+    block_h = math.gcd(h // g, 8)  # a power of two that divides the heads of a group
+    _ssm_dual_update_kernel[(b, h // block_h)](
+        cache.xs, cache.Bs, cache.dts, cache.log_decays, cache.length, x, dt, dt_bias, A, B, C, y,
+        h // g, p, n,
+        *cache.xs.stride(), *cache.Bs.stride(), *cache.dts.stride(),
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
+        BLOCK_H=block_h, BLOCK_P=triton.next_power_of_2(p), BLOCK_N=triton.next_power_of_2(n), BLOCK_T=16,
     )  # fmt: skip
     return y
