@@ -9,8 +9,8 @@ from transformers import AutoConfig, AutoModel
 
 from aim_hf import AiMConfig, AiMForImageGeneration
 from aim_hf.conversion import regroup_adaln
-from aim_hf.modeling_aim import AiMCache
 from aim_hf.mamba2 import LayerCache, ssd_chunk_scan, ssm_dual_step, ssm_step
+from aim_hf.modeling_aim import AiMCache
 
 # float64 everywhere: rounding is ~1e-16 per operation, so 1e-10 leaves room for a few thousand
 # accumulated operations and still catches any real mistake (those are O(1e-2) or larger).

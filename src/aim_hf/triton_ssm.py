@@ -129,6 +129,9 @@ if TRITON_AVAILABLE:
         x = x.to(xs_ptr.dtype.element_ty).to(tl.float32)  # as stored, like the past positions
         b = b.to(bs_ptr.dtype.element_ty).to(tl.float32)
         y = (tl.sum(b * c, axis=0) * dt)[:, None] * x
+        # products accumulate per past position and are reduced once after the loop, which keeps
+        # the cross-thread reduction out of the loop
+        acc = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_P), dtype=tl.float32)
         for start in range(0, t, BLOCK_T):
             s = start + tl.arange(0, BLOCK_T)
             sm = s < t
@@ -145,7 +148,8 @@ if TRITON_AVAILABLE:
                 xs_ptr + row * xs_b + s[:, None, None] * xs_t + h[None, :, None] * xs_h + p[None, None, :] * xs_p,
                 mask=sm[:, None, None] & pm[None, None, :], other=0.0,
             ).to(tl.float32)  # fmt: skip
-            y += tl.sum(w[:, :, None] * past_x, axis=0)
+            acc += w[:, :, None] * past_x
+        y += tl.sum(acc, axis=0)
         tl.store(y_ptr + row * y_b + h[:, None] * y_h + p[None, :] * y_p, y, mask=pm[None, :])
 
 
@@ -200,8 +204,11 @@ def ssm_dual_update(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
+    block_t: int = 16,
+    num_warps: int = 4,
 ) -> torch.Tensor:
-    """Same contract as ``mamba2.ssm_dual_step``."""
+    """Same contract as ``mamba2.ssm_dual_step``; ``block_t`` past positions per loop step and
+    ``num_warps`` are the launch's tuning knobs (scripts/benchmark_ssm_kernels.py)."""
     b, h, p = x.shape
     g, n = B.shape[1:]
     if cache.dts.stride() != cache.log_decays.stride():
@@ -213,6 +220,7 @@ def ssm_dual_update(
         h // g, p, n,
         *cache.xs.stride(), *cache.Bs.stride(), *cache.dts.stride(),
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
-        BLOCK_H=block_h, BLOCK_P=triton.next_power_of_2(p), BLOCK_N=triton.next_power_of_2(n), BLOCK_T=16,
+        BLOCK_H=block_h, BLOCK_P=triton.next_power_of_2(p), BLOCK_N=triton.next_power_of_2(n), BLOCK_T=block_t,
+        num_warps=num_warps,
     )  # fmt: skip
     return y
