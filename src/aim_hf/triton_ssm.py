@@ -204,11 +204,12 @@ def ssm_dual_update(
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    block_t: int = 16,
+    block_t: int = 8,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Same contract as ``mamba2.ssm_dual_step``; ``block_t`` past positions per loop step and
-    ``num_warps`` are the launch's tuning knobs (scripts/benchmark_ssm_kernels.py)."""
+    ``num_warps`` are the launch's tuning knobs; the defaults were fastest for AiM-B and AiM-XL
+    at 512 rows on an H100 (BENCHMARKS.md, scripts/benchmark_ssm_kernels.py)."""
     b, h, p = x.shape
     g, n = B.shape[1:]
     if cache.dts.stride() != cache.log_decays.stride():
