@@ -1,7 +1,11 @@
-"""Plot a scripts/benchmark.py JSON: images per second against batch size, per preset, with the
-original's figures from SPEC §8 (measured on an H200) beside them. Needs matplotlib.
+"""Plot scripts/benchmark.py results: images per second against batch size, per preset, with the
+original's figures from SPEC §8 (measured on an H200) beside them. Each input is a JSON file,
+optionally with the modes to draw from it after a colon (default: every graph mode). Needs
+matplotlib.
 
-    python scripts/plot_benchmark.py benchmarks/2026-11-26-h100-generation.json docs/benchmark.png
+    python scripts/plot_benchmark.py docs/benchmark.png \
+        benchmarks/2026-11-26-h100-generation-v2.json:graph-recurrent \
+        benchmarks/2026-11-26-h100-generation-cache-forms.json:graph-dual
 """
 
 from __future__ import annotations
@@ -28,23 +32,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("json")
     parser.add_argument("output")
+    parser.add_argument("inputs", nargs="+", metavar="JSON[:MODE,...]")
     args = parser.parse_args()
-    result = json.loads(open(args.json).read())
-    rows = [r for r in result["rows"] if r["mode"] == "graph"]
-    presets = sorted({r["preset"] for r in rows}, key=lambda p: list(ORIGINAL_H200).index(p))
+    lines = []  # (device, date, mode, rows)
+    for spec in args.inputs:
+        path, _, modes = spec.partition(":")
+        result = json.loads(open(path).read())
+        wanted = (
+            modes.split(",") if modes else sorted({r["mode"] for r in result["rows"] if r["mode"] != "eager"})
+        )
+        for mode in wanted:
+            rows = [r for r in result["rows"] if r["mode"] == mode]
+            if not rows:
+                parser.error(f"{path} has no rows of mode {mode!r}")
+            lines.append((result["device"], result["date"], mode, rows))
+    presets = sorted({r["preset"] for *_, rows in lines for r in rows}, key=list(ORIGINAL_H200).index)
     fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 4), squeeze=False)
     for ax, preset in zip(axes[0], presets):
-        mine = sorted((r["batch"], r["images_per_s"]) for r in rows if r["preset"] == preset)
-        ax.plot(*zip(*mine), "o-", label=f"aim-hf, CUDA graph ({result['device']})")
+        for device, day, mode, rows in lines:
+            mine = sorted((r["batch"], r["images_per_s"]) for r in rows if r["preset"] == preset)
+            if mine:
+                ax.plot(*zip(*mine), "o-", label=f"aim-hf {mode} ({device}, {day})")
         original = sorted(ORIGINAL_H200.get(preset, {}).items())
         if original:
             ax.plot(*zip(*original), "s--", label="original (H200, SPEC §8)")
         ax.set(xscale="log", yscale="log", xlabel="batch (images, guidance on)", ylabel="images / s",
-               title=f"{preset}, bf16, 256 tokens, {result['date']}")  # fmt: skip
+               title=f"{preset}, bf16, 256 tokens")  # fmt: skip
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(args.output) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

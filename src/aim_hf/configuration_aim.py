@@ -58,8 +58,8 @@ class AiMConfig(PretrainedConfig):
             it halves the bytes that bound large-batch decoding (BENCHMARKS.md).
         decode_cache: the SSM's memory in generation: "recurrent" (the state, read and written
             every step), "dual" (the history of x, B and the decays, written once and read after:
-            about half the bytes for 256 tokens, more memory) or "auto" (dual on CUDA once the
-            rows' state outweighs the weights, see ``AiMForImageGeneration.cache_form``).
+            about half the bytes for 256 tokens, twice the memory) or "auto" (dual on CUDA from
+            128 rows, where it measured faster: ``AiMForImageGeneration.cache_form``).
         default_guidance_scale: classifier-free guidance used when a call names none (the paper's
             evaluation setting for the presets).
     """

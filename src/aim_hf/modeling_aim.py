@@ -47,6 +47,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+DUAL_FROM_ROWS = 128  # see AiMForImageGeneration.cache_form
+
+
 class AiMCache:
     """Everything decoding keeps for one batch, every layer stacked, allocated once per generation.
 
@@ -469,21 +472,16 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         return max(1, int(0.8 * free) // (rows * (cache + work)))
 
     def cache_form(self, rows: int, device: torch.device) -> str:
-        """``config.decode_cache``; "auto" picks the dual form where the SSM's memory, not the
-        weights, bounds a step: on CUDA with the Triton kernels, once the rows' recurrent state
-        outweighs the weights (BENCHMARKS.md compares both forms)."""
+        """``config.decode_cache``; "auto" picks the dual form where it measured faster: on CUDA
+        with the Triton kernels from ``DUAL_FROM_ROWS`` rows (H100, BENCHMARKS.md: equal at 128
+        rows, 7-11% faster at 512; at 2 rows its kernel is 4x slower than the recurrent one)."""
         config = self.config
         if config.decode_cache != "auto":
             return config.decode_cache
-        if not (
-            torch.device(device).type == "cuda"
-            and config.use_triton_kernels
-            and triton_ssm.supported(self.lm_head.weight)
-        ):
-            return "recurrent"
-        state = rows * AiMCache.row_bytes(config, self.dtype)["state"]
-        weights = sum(p.numel() for p in self.parameters()) * self.dtype.itemsize
-        return "dual" if state >= weights else "recurrent"
+        on_cuda = torch.device(device).type == "cuda"
+        if on_cuda and config.use_triton_kernels and triton_ssm.supported(self.lm_head.weight):
+            return "dual" if rows >= DUAL_FROM_ROWS else "recurrent"
+        return "recurrent"
 
     def graph_decoder(self, batch: int, guidance_scale: float, temperature: float, top_k: int, top_p: float):
         """The CUDA-graph decoder for this setting; one is kept (its cache can be large) and
