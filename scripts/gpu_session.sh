@@ -3,9 +3,10 @@
 # Results and logs go to $OUT. Stages (default: all, in this order):
 #   tests       the GPU tests (kernels, CUDA-graph decoder, memory split, Triton kernels)
 #   generation  scripts/benchmark.py: AiM-B and AiM-XL, batch 1-256, both cache forms, eager baseline
+#   kernels     scripts/benchmark_ssm_kernels.py: the SSM step kernels alone, both cache forms
 #   profile     scripts/profile_step.py for AiM-B batch 256 and AiM-XL batch 1
 #   training    scripts/benchmark_training.py: AiM-B/L, pure-PyTorch mixer vs mamba-ssm kernels
-#   ddp         tests/test_distributed.py on two GPUs with NCCL (needs a two-GPU machine)
+#   ddp         tests/test_distributed.py on two GPUs with NCCL: DDP and FSDP (a two-GPU machine)
 # carry: .wheels (diffusers, datasets, dill, multiprocess wheels: the GPU image lacks them) and
 # .kernel-pack (scripts/pack_kernels.sh; without it mamba-ssm is built, ~6.5 min).
 # Usage: bash scripts/gpu_session.sh [stage ...]
@@ -21,7 +22,7 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 pytest=(python3 -m pytest -q -p no:cacheprovider -p no:logging)
-for stage in "${@:-tests generation profile training}"; do
+for stage in "${@:-tests generation kernels profile training}"; do
   for s in $stage; do
     echo "== $s ($(date -u +%T))"
     case $s in
@@ -32,6 +33,9 @@ for stage in "${@:-tests generation profile training}"; do
         timeout 330 python3 scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 64 256 \
           --baseline-batch-sizes 1 --repeats 2 --vq --json "$out/generation.json" >"$out/generation.log" 2>&1
         tail -20 "$out/generation.log" ;;
+      kernels)
+        timeout 120 python3 scripts/benchmark_ssm_kernels.py --json "$out/ssm_kernels.json" >"$out/ssm_kernels.log" 2>&1
+        tail -30 "$out/ssm_kernels.log" ;;
       profile)
         timeout 60 python3 scripts/profile_step.py --preset AiM-B --batch 256 --rows 25 >"$out/profile-b256.log" 2>&1
         timeout 60 python3 scripts/profile_step.py --preset AiM-XL --batch 1 --rows 25 >"$out/profile-xl1.log" 2>&1 ;;
