@@ -49,6 +49,8 @@ def test_cached_steps_equal_forward(tiny_model, form, monkeypatch):
     assert rel_err(teacher_forced_decode(tiny_model, codes, labels, 1.0), forward) < RTOL
     # completion: the prefix pass fills the cache, the remaining steps still match the forward
     assert rel_err(teacher_forced_decode(tiny_model, codes, labels, 1.0, start=5), forward[:, 5:]) < RTOL
+    # the longest prefix fills every position of the cache but the last code's
+    assert rel_err(teacher_forced_decode(tiny_model, codes, labels, 1.0, start=15), forward[:, 15:]) < RTOL
 
 
 @pytest.mark.parametrize("original_positions", [True, False])
