@@ -510,7 +510,7 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         choose: Callable[[int, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """The cached decoding loop behind ``generate``: one pass over the class token and the prefix
-        fills a recurrent cache, then one step per code. ``choose(t, logits)`` picks code ``t``
+        fills the decoding cache (``cache_form``), then one step per code. ``choose(t, logits)`` picks code ``t``
         (b,) from the guided logits (b, vocab_size); returns the codes (b, num_tokens)."""
         config = self.config
         batch, start = prefix.shape
