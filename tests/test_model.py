@@ -246,7 +246,7 @@ def test_gradient_checkpointing_same_gradients():
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     plain = grads()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert model.model.layers[0].gradient_checkpointing
     checkpointed = grads()
     assert rel_err(checkpointed, plain) < RTOL
