@@ -128,6 +128,21 @@ def test_same_seed_same_codes_and_per_image_generators(tiny_model):
     assert torch.equal(one_gen, tiny_model.generate([1, 2], generator=torch.Generator().manual_seed(0)))
 
 
+def test_both_cache_forms_generate_the_same_codes(tiny_model, monkeypatch):
+    """``generate`` end to end with the dual cache: in float64 its logits equal the recurrent
+    form's to ~1e-15, so the same uniforms draw the same codes (guidance and a prefix included)."""
+
+    def run(form):
+        monkeypatch.setattr(tiny_model.config, "decode_cache", form)
+        gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+        return tiny_model.generate(
+            [1, 4], guidance_scale=1.5, generator=gens, prefix=torch.tensor([[3, 7], [0, 1]])
+        )
+
+    recurrent, dual = run("recurrent"), run("dual")
+    assert torch.equal(recurrent, dual) and torch.equal(dual[:, :2], torch.tensor([[3, 7], [0, 1]]))
+
+
 def test_chunked_batches_give_the_same_codes(tiny_model):
     labels = [0, 1, 2, 3, 4]
     whole = tiny_model.generate(labels, guidance_scale=1.5, generator=torch.Generator().manual_seed(3))
