@@ -3,6 +3,7 @@
 # Results and logs go to $OUT. Stages (default: all, in this order):
 #   tests       the GPU tests (kernels, CUDA-graph decoder, memory split, Triton kernels)
 #   generation  scripts/benchmark.py: AiM-B and AiM-XL, batch 1-256, both cache forms, eager baseline
+#   numerics    scripts/numerics.py: bf16 weights, bf16/fp32 state and the dual history vs float64
 #   kernels     scripts/benchmark_ssm_kernels.py: the SSM step kernels alone, both cache forms
 #   profile     scripts/profile_step.py for AiM-B batch 256 and AiM-XL batch 1
 #   training    scripts/benchmark_training.py: AiM-B/L, pure-PyTorch mixer vs mamba-ssm kernels
@@ -33,6 +34,9 @@ for stage in "${@:-tests generation kernels profile training}"; do
         timeout 330 python3 scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 64 256 \
           --baseline-batch-sizes 1 --repeats 2 --vq --json "$out/generation.json" >"$out/generation.log" 2>&1
         tail -20 "$out/generation.log" ;;
+      numerics)
+        timeout 200 python3 scripts/numerics.py --json "$out/numerics.json" >"$out/numerics.log" 2>&1
+        tail -8 "$out/numerics.log" ;;
       kernels)
         timeout 120 python3 scripts/benchmark_ssm_kernels.py --json "$out/ssm_kernels.json" >"$out/ssm_kernels.log" 2>&1
         tail -30 "$out/ssm_kernels.log" ;;

@@ -21,11 +21,12 @@ from aim_hf import AiMConfig
 from aim_hf.files import atomic_path
 from aim_hf.sampling import sample_inverse_cdf
 
-VARIANTS = {  # name: (weights dtype, state dtype, use_cuda_graphs)
-    "fp32 weights, fp32 state": (torch.float32, "float32", False),
-    "bf16 weights, fp32 state": (torch.bfloat16, "float32", False),
-    "bf16 weights, bf16 state": (torch.bfloat16, "bfloat16", False),
-    "bf16 weights, fp32 state, CUDA graph": (torch.bfloat16, "float32", True),
+VARIANTS = {  # name: (weights dtype, state dtype, use_cuda_graphs, decode_cache)
+    "fp32 weights, fp32 state": (torch.float32, "float32", False, "recurrent"),
+    "bf16 weights, fp32 state": (torch.bfloat16, "float32", False, "recurrent"),
+    "bf16 weights, bf16 state": (torch.bfloat16, "bfloat16", False, "recurrent"),
+    "bf16 weights, dual history": (torch.bfloat16, None, False, "dual"),
+    "bf16 weights, fp32 state, CUDA graph": (torch.bfloat16, "float32", True, "recurrent"),
 }
 
 
@@ -51,7 +52,9 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    config = AiMConfig.from_preset(args.preset, use_mamba_kernels=False, use_cuda_graphs=False)
+    config = AiMConfig.from_preset(
+        args.preset, use_mamba_kernels=False, use_cuda_graphs=False, decode_cache="recurrent"
+    )
     model = random_model(config, torch.float64, device)
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, config.num_classes, (args.batch,), generator=g).to(device)
@@ -62,8 +65,9 @@ def main() -> None:
     ref = teacher_forced_logits(model, codes, labels, args.guidance_scale)
     ref_codes = sample_inverse_cdf(ref, uniforms)
     rows = []
-    for name, (dtype, state_dtype, graphs) in VARIANTS.items():
+    for name, (dtype, state_dtype, graphs, cache) in VARIANTS.items():
         model.config.state_dtype, model.config.use_cuda_graphs = state_dtype, graphs
+        model.config.decode_cache = cache
         model.to(dtype)
         if graphs:  # the graph decoder samples itself: compare its free-running codes only
             logits = None
