@@ -1,9 +1,10 @@
 """The Mamba2 mixer: a pure-PyTorch reference (CPU and GPU) and the mamba-ssm kernels where present.
 
 Parameter names are those of mamba-ssm's ``Mamba2`` so original weights load unchanged. The pure
-path is the reference: whole sequences go through a chunked scan (the SSD form), decoding through
-a single-step recurrent update. Both accumulate in float32 for half-precision inputs and keep
-float64 in float64.
+path is the reference: whole sequences go through a chunked scan (the SSD form); decoding steps
+the conv window and either the recurrent state or the dual form's history (``LayerCache``). All
+accumulate in float32 for half-precision inputs and keep float64 in float64. On CUDA the decoding
+step runs this package's Triton kernels (``triton_ssm``), each tested against its reference here.
 """
 
 from __future__ import annotations
