@@ -60,8 +60,8 @@ def time_layer(
             lambda: ssm_update(state, x, dt, bias, A, B, C),
         )
     ]
-    for block_t, warps in itertools.product(args.block_t, args.num_warps):
-        launch = {"block_t": block_t, "num_warps": warps}
+    for block_t, warps, stages in itertools.product(args.block_t, args.num_warps, args.num_stages):
+        launch = {"block_t": block_t, "num_warps": warps, "num_stages": stages}
         runs.append(
             ("dual", launch, (args.position + 1) * per_position,
              lambda launch=launch: ssm_dual_update(cache, x, dt, bias, A, B, C, **launch))
@@ -77,7 +77,7 @@ def time_layer(
         }  # fmt: skip
         rows_out.append(row)
         print(
-            f"{preset:7s} rows {rows:4d} {form:9s} {str(launch):34s} {row['microseconds']:9.1f} us "
+            f"{preset:7s} rows {rows:4d} {form:9s} {str(launch):52s} {row['microseconds']:9.1f} us "
             f"{row['gb_per_s']:7.0f} GB/s ({row['fraction_of_copy_bandwidth']:.2f} of copy)",
             flush=True,
         )
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--position", type=int, default=128, help="positions already in the history")
     parser.add_argument("--block-t", nargs="+", type=int, default=[8, 16, 32])
     parser.add_argument("--num-warps", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--num-stages", nargs="+", type=int, default=[3])
     parser.add_argument("--json", default="benchmark_ssm_kernels.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():

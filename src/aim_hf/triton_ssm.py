@@ -206,9 +206,11 @@ def ssm_dual_update(
     C: torch.Tensor,
     block_t: int = 8,
     num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
-    """Same contract as ``mamba2.ssm_dual_step``; ``block_t`` past positions per loop step and
-    ``num_warps`` are the launch's tuning knobs; the defaults were fastest for AiM-B and AiM-XL
+    """Same contract as ``mamba2.ssm_dual_step``; ``block_t`` past positions per loop step,
+    ``num_warps`` and ``num_stages`` (software pipelining of the loop's loads) are the launch's
+    tuning knobs; the defaults were fastest for AiM-B and AiM-XL
     at 512 rows on an H100 (BENCHMARKS.md, scripts/benchmark_ssm_kernels.py)."""
     b, h, p = x.shape
     g, n = B.shape[1:]
@@ -222,6 +224,6 @@ def ssm_dual_update(
         *cache.xs.stride(), *cache.Bs.stride(), *cache.dts.stride(),
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
         BLOCK_H=block_h, BLOCK_P=triton.next_power_of_2(p), BLOCK_N=triton.next_power_of_2(n), BLOCK_T=block_t,
-        num_warps=num_warps,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return y
