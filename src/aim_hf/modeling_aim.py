@@ -135,14 +135,22 @@ class AiMBlock(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        gate: torch.Tensor | None,
         residual: torch.Tensor | None,
         modulation: torch.Tensor,
         cache: LayerCache | None = None,
         step: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``modulation`` (batch, 3, d) is this layer's adaLN group; ``step`` decodes one token."""
-        residual_dtype = compute_dtype(self.norm.weight.dtype)  # the residual stream stays in float32
-        residual = hidden_states.to(residual_dtype) if residual is None else residual + hidden_states
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``hidden_states`` and ``gate`` are the previous block's mixer output and gate (for the
+        first block: the embeddings and None); ``modulation`` (batch, 3, d) is this layer's adaLN
+        group; ``step`` decodes one token. Returns this block's mixer output, its gate and the
+        residual stream. The gate is applied by the next block, at the residual add, so that a
+        compiled decoding step fuses it with the norm instead of launching a kernel for it alone
+        after the output projection."""
+        if residual is None:  # the residual stream stays in float32
+            residual = hidden_states.to(compute_dtype(self.norm.weight.dtype))
+        else:
+            residual = residual + gate * hidden_states
         if hasattr(self, "adaln_table"):
             modulation = modulation + self.adaln_table
         shift, scale, gate = modulation.unbind(1)
@@ -152,18 +160,19 @@ class AiMBlock(GradientCheckpointingLayer):
         else:
             hidden_states = self.mixer(hidden_states, cache)
         gate = gate.unsqueeze(1) if hidden_states.dim() == 3 else gate
-        return gate * hidden_states, residual
+        return hidden_states, gate, residual
 
 
 def block_step(
     layer: AiMBlock,
     hidden_states: torch.Tensor,
+    gate: torch.Tensor | None,
     residual: torch.Tensor | None,
     modulation: torch.Tensor,
     cache: LayerCache,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One block's decoding step, as a plain function so that one compiled copy serves every layer."""
-    return layer(hidden_states, residual, modulation, cache, step=True)
+    return layer(hidden_states, gate, residual, modulation, cache, step=True)
 
 
 class AiMPreTrainedModel(PreTrainedModel):
@@ -246,15 +255,15 @@ class AiMModel(AiMPreTrainedModel):
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         embedded = self.embed_tokens(tokens) + self.embed_positions(positions)
         hidden_states = torch.cat([c.unsqueeze(1), embedded], dim=1)
-        residual = None
+        gate = residual = None
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layer(i) if cache is not None else None
-            hidden_states, residual = layer(
-                hidden_states, residual, groups[:, i % self.config.adaln_groups], layer_cache
+            hidden_states, gate, residual = layer(
+                hidden_states, gate, residual, groups[:, i % self.config.adaln_groups], layer_cache
             )
         if cache is not None:
             cache.length.fill_(hidden_states.shape[1])
-        return self.finish(hidden_states, residual, final)
+        return self.finish(gate * hidden_states, residual, final)
 
     def finish(
         self, hidden_states: torch.Tensor, residual: torch.Tensor, final: torch.Tensor
@@ -275,13 +284,13 @@ class AiMModel(AiMPreTrainedModel):
         """One decoding step: ``token`` (b,) at ``position`` -> hidden state (b, d).
         ``run_block`` runs one block's step (the CUDA-graph decoder passes a compiled one)."""
         hidden_states = self.embed_tokens(token) + self.embed_positions(position)
-        residual = None
+        gate = residual = None
         for i, layer in enumerate(self.layers):
-            hidden_states, residual = run_block(
-                layer, hidden_states, residual, groups[:, i % self.config.adaln_groups], cache.layer(i)
+            hidden_states, gate, residual = run_block(
+                layer, hidden_states, gate, residual, groups[:, i % self.config.adaln_groups], cache.layer(i)
             )
         cache.length.add_(1)
-        return self.finish(hidden_states, residual, final)
+        return self.finish(gate * hidden_states, residual, final)
 
 
 class AiMForImageGeneration(AiMPreTrainedModel):
