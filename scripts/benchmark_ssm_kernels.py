@@ -33,7 +33,7 @@ def layer_inputs(config: AiMConfig, rows: int, position: int, dtype: torch.dtype
     dts = torch.rand(rows, t, h, device="cuda") * 0.1
     return {
         "x": new(rows, h, p), "dt": new(rows, h), "dt_bias": new(h, dt=torch.float32),
-        "A": -torch.rand(h, device="cuda"), "B": new(rows, g, n), "C": new(rows, g, n),
+        "A_log": torch.rand(h, device="cuda").log(), "B": new(rows, g, n), "C": new(rows, g, n),
         "state": new(rows, h, p, n),
         "cache": LayerCache(
             conv=new(1, 1, 1), length=torch.tensor(position, device="cuda"), xs=new(rows, t, h, p),
@@ -47,7 +47,7 @@ def time_layer(
 ) -> list[dict]:
     """One table row per kernel and launch configuration."""
     inputs = layer_inputs(config, rows, args.position, torch.bfloat16)
-    x, dt, bias, A, B, C = (inputs[k] for k in ("x", "dt", "dt_bias", "A", "B", "C"))
+    x, dt, bias, A_log, B, C = (inputs[k] for k in ("x", "dt", "dt_bias", "A_log", "B", "C"))
     cache, state = inputs["cache"], inputs["state"]
     per_position = sum(
         t[:, 0].numel() * t.element_size() for t in (cache.xs, cache.Bs, cache.dts, cache.log_decays)
@@ -57,14 +57,14 @@ def time_layer(
             "recurrent",
             {},
             2 * state.numel() * state.element_size(),
-            lambda: ssm_update(state, x, dt, bias, A, B, C),
+            lambda: ssm_update(state, x, dt, bias, A_log, B, C),
         )
     ]
     for block_t, warps, stages in itertools.product(args.block_t, args.num_warps, args.num_stages):
         launch = {"block_t": block_t, "num_warps": warps, "num_stages": stages}
         runs.append(
             ("dual", launch, (args.position + 1) * per_position,
-             lambda launch=launch: ssm_dual_update(cache, x, dt, bias, A, B, C, **launch))
+             lambda launch=launch: ssm_dual_update(cache, x, dt, bias, A_log, B, C, **launch))
         )  # fmt: skip
     rows_out = []
     for form, launch, nbytes, fn in runs:

@@ -111,7 +111,7 @@ def test_chunked_scan_matches_sequential(chunk_size, length, groups):
     # the single-step update is the same recurrence (it takes dt before softplus)
     raw, bias = torch.log(torch.expm1(dt)) - 0.25, torch.full((h,), 0.25, dtype=torch.float64)
     state = init.clone()
-    ys = [ssm_step(state, x[:, t], raw[:, t], bias, A, B[:, t], C[:, t]) for t in range(length)]
+    ys = [ssm_step(state, x[:, t], raw[:, t], bias, torch.log(-A), B[:, t], C[:, t]) for t in range(length)]
     assert rel_err(torch.stack(ys, 1), y_ref) < RTOL
     assert rel_err(state, final_ref) < RTOL
 
@@ -141,7 +141,7 @@ def test_dual_step_matches_sequential(prefill, groups):
     cache.log_decays[:, :prefill] = torch.cumsum(dt[:, :prefill] * A, dim=1)
     raw, bias = torch.log(torch.expm1(dt)), torch.zeros(h, dtype=torch.float64)
     for t in range(prefill, length):
-        y = ssm_dual_step(cache, x[:, t], raw[:, t], bias, A, B[:, t], C[:, t])
+        y = ssm_dual_step(cache, x[:, t], raw[:, t], bias, torch.log(-A), B[:, t], C[:, t])
         cache.length.add_(1)
         assert rel_err(y, y_ref[:, t]) < RTOL
     assert rel_err(cache.xs[:, :length], x) < RTOL and not cache.xs[:, length:].any()

@@ -37,7 +37,7 @@ for b, h, p, n, groups, dtype in cases:
     new = lambda *shape: torch.randn(*shape, generator=g).to(device)
     x = new(b, h, p).to(dtype)
     dt, bias = new(b, h), new(h) * 0.5
-    A = (-torch.rand(h, generator=g) * 3 - 0.5).to(device)
+    A_log = torch.log(torch.rand(h, generator=g) * 3 + 0.5).to(device)  # A = -exp(A_log)
     B, C = new(b, groups, n).to(dtype), new(b, groups, n).to(dtype)
 
     # conv window shift, conv, bias and SiLU (conv_dim = 2 p, kernel 4)
@@ -53,8 +53,8 @@ for b, h, p, n, groups, dtype in cases:
     state = new(b, h, p, n).to(dtype)
     ref_state, state = state.clone(), state.clone()
     assert supported(state)
-    y_ref = ssm_step(ref_state, x, dt, bias, A, B, C)
-    y = ssm_update(state, strided(x), dt, bias, A, B, C)
+    y_ref = ssm_step(ref_state, x, dt, bias, A_log, B, C)
+    y = ssm_update(state, strided(x), dt, bias, A_log, B, C)
     assert y.dtype == torch.float32 and rel(y, y_ref) < 1e-5, rel(y, y_ref)
     assert rel(state, ref_state) < (1e-6 if dtype == torch.float32 else 2**-7), rel(state, ref_state)
 
@@ -64,8 +64,8 @@ for b, h, p, n, groups, dtype in cases:
                    dts=new(b, capacity, h).abs() * 0.3, log_decays=-new(b, capacity, h).abs().cumsum(1) * 0.1)
     mine = LayerCache(conv=conv, length=torch.tensor(seen, device=device), **{{k: v.clone() for k, v in history.items()}})
     ref = LayerCache(conv=conv, length=torch.tensor(seen, device=device), **{{k: v.clone() for k, v in history.items()}})
-    y_ref = ssm_dual_step(ref, x, dt, bias, A, B, C)
-    y = ssm_dual_update(mine, strided(x), dt, bias, A, B, C)
+    y_ref = ssm_dual_step(ref, x, dt, bias, A_log, B, C)
+    y = ssm_dual_update(mine, strided(x), dt, bias, A_log, B, C)
     assert y.dtype == torch.float32 and rel(y, y_ref) < 1e-5, rel(y, y_ref)
     for name in ("xs", "Bs", "dts", "log_decays"):
         assert rel(getattr(mine, name), getattr(ref, name)) < 1e-6, name

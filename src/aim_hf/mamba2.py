@@ -132,14 +132,16 @@ def ssm_step(
     x: torch.Tensor,
     dt: torch.Tensor,
     dt_bias: torch.Tensor,
-    A: torch.Tensor,
+    A_log: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
 ) -> torch.Tensor:
     """One recurrent step, updating ``state`` (b, h, p, n) in place; returns y (b, h, p).
 
-    x (b, h, p), dt (b, h) before softplus, dt_bias and A (h,), B and C (b, g, n). Computed in
-    float32 (or float64) whatever the state's storage dtype; the D skip is left to the caller.
+    x (b, h, p), dt (b, h) before softplus, dt_bias and A_log (h,) (``A = -exp(A_log)``), B and C
+    (b, g, n): the mixer's parameters as they are, so that a compiled step launches no kernel to
+    prepare them. Computed in float32 (or float64) whatever the state's storage dtype; the D skip
+    is left to the caller.
     """
     h, g = x.shape[1], B.shape[1]
     dtype = torch.promote_types(compute_dtype(x.dtype), compute_dtype(state.dtype))
@@ -147,7 +149,7 @@ def ssm_step(
     dt = softplus_dt(dt, dt_bias, dtype)
     B = B.repeat_interleave(h // g, dim=1)
     C = C.repeat_interleave(h // g, dim=1)
-    decay = torch.exp(dt * A.to(dtype))
+    decay = torch.exp(-dt * torch.exp(A_log.to(dtype)))
     new = state.to(dtype) * decay[:, :, None, None] + (dt[:, :, None] * x)[..., None] * B[:, :, None, :]
     state.copy_(new)
     return (new * C[:, :, None, :]).sum(-1)  # a plain product-sum, which torch.compile fuses
@@ -158,7 +160,7 @@ def ssm_dual_step(
     x: torch.Tensor,
     dt: torch.Tensor,
     dt_bias: torch.Tensor,
-    A: torch.Tensor,
+    A_log: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
 ) -> torch.Tensor:
@@ -170,7 +172,7 @@ def ssm_dual_step(
     dt = softplus_dt(dt, dt_bias, dtype)
     t = cache.length.view(1)
     previous = cache.log_decays.index_select(1, (t - 1).clamp(min=0)).squeeze(1) * (t > 0)
-    log_decay = previous + dt * A.to(dtype)
+    log_decay = previous - dt * torch.exp(A_log.to(dtype))
     for history, value in zip(
         (cache.xs, cache.Bs, cache.dts, cache.log_decays), (x, B, dt, log_decay), strict=True
     ):
@@ -301,9 +303,9 @@ class Mamba2Mixer(nn.Module):
     def step(self, hidden_states: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """One decoding step (b, d) -> (b, d), updating the cache in place."""
         z, xbc, dt = self._split(self.in_proj(hidden_states))
-        A = -torch.exp(self.A_log.to(compute_dtype(self.A_log.dtype)))
         weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
         if self.use_kernels(hidden_states) and cache.state is not None:
+            A = -torch.exp(self.A_log.to(compute_dtype(self.A_log.dtype)))
             xbc = causal_conv1d_update(xbc, cache.conv, weight, bias, activation="silu")
             x, B, C = self._split_xbc(xbc)
             p, n = self.head_dim, self.state_size
@@ -317,10 +319,10 @@ class Mamba2Mixer(nn.Module):
             x, B, C = self._split_xbc(xbc)
             if cache.state is not None:
                 update = triton_ssm.ssm_update if triton else ssm_step
-                y = update(cache.state, x, dt, self.dt_bias, A, B, C)
+                y = update(cache.state, x, dt, self.dt_bias, self.A_log, B, C)
             else:
                 update = triton_ssm.ssm_dual_update if triton else ssm_dual_step
-                y = update(cache, x, dt, self.dt_bias, A, B, C)
+                y = update(cache, x, dt, self.dt_bias, self.A_log, B, C)
             y = y + x.to(y.dtype) * self.D.to(y.dtype)[:, None]
         y = self.norm(y.flatten(-2), z)
         return self.out_proj(y.to(self.out_proj.weight.dtype))

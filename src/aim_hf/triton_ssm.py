@@ -64,7 +64,7 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _ssm_update_kernel(
-        state_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_ptr, b_ptr, c_ptr, y_ptr,
+        state_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_log_ptr, b_ptr, c_ptr, y_ptr,
         heads, heads_per_group, P, N,
         s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n, y_b, y_h, y_p,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -77,7 +77,7 @@ if TRITON_AVAILABLE:
         rows, cols = p < P, n < N
         dt = tl.load(dt_ptr + batch * dt_b + head * dt_h).to(tl.float32)
         dt = _softplus(dt + tl.load(dt_bias_ptr + head).to(tl.float32))
-        decay = tl.exp(dt * tl.load(a_ptr + head).to(tl.float32))
+        decay = tl.exp(-dt * tl.exp(tl.load(a_log_ptr + head).to(tl.float32)))
         x = tl.load(x_ptr + batch * x_b + head * x_h + p * x_p, mask=rows, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + batch * b_b + group * b_g + n * b_n, mask=cols, other=0.0).to(tl.float32)
         c = tl.load(c_ptr + batch * c_b + group * c_g + n * c_n, mask=cols, other=0.0).to(tl.float32)
@@ -91,7 +91,7 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _ssm_dual_update_kernel(
-        xs_ptr, bs_ptr, dts_ptr, ld_ptr, length_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_ptr, b_ptr, c_ptr, y_ptr,
+        xs_ptr, bs_ptr, dts_ptr, ld_ptr, length_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_log_ptr, b_ptr, c_ptr, y_ptr,
         heads_per_group, P, N,
         xs_b, xs_t, xs_h, xs_p, bs_b, bs_t, bs_g, bs_n, d_b, d_t, d_h,
         x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n, y_b, y_h, y_p,
@@ -107,7 +107,7 @@ if TRITON_AVAILABLE:
         t = tl.load(length_ptr)
         dt = _softplus(tl.load(dt_ptr + row * dt_b + h * dt_h).to(tl.float32) + tl.load(dt_bias_ptr + h))
         previous = tl.load(ld_ptr + row * d_b + tl.maximum(t - 1, 0) * d_t + h * d_h)
-        log_decay = tl.where(t > 0, previous, 0.0) + dt * tl.load(a_ptr + h).to(tl.float32)
+        log_decay = tl.where(t > 0, previous, 0.0) - dt * tl.exp(tl.load(a_log_ptr + h).to(tl.float32))
         x_tile = h[:, None] * x_h + p[None, :] * x_p
         x = tl.load(x_ptr + row * x_b + x_tile, mask=pm[None, :], other=0.0)
         b = tl.load(b_ptr + row * b_b + group * b_g + n * b_n, mask=nm, other=0.0)
@@ -179,7 +179,7 @@ def ssm_update(
     x: torch.Tensor,
     dt: torch.Tensor,
     dt_bias: torch.Tensor,
-    A: torch.Tensor,
+    A_log: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
 ) -> torch.Tensor:
@@ -188,7 +188,7 @@ def ssm_update(
     y = torch.empty(b, h, p, dtype=torch.float32, device=state.device)
     block_p = min(16, triton.next_power_of_2(p))
     _ssm_update_kernel[(b * h, triton.cdiv(p, block_p))](
-        state, x, dt, dt_bias, A, B, C, y,
+        state, x, dt, dt_bias, A_log, B, C, y,
         h, h // B.shape[1], p, n,
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
         BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n),
@@ -201,7 +201,7 @@ def ssm_dual_update(
     x: torch.Tensor,
     dt: torch.Tensor,
     dt_bias: torch.Tensor,
-    A: torch.Tensor,
+    A_log: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
     block_t: int = 8,
@@ -219,7 +219,7 @@ def ssm_dual_update(
     y = torch.empty(b, h, p, dtype=torch.float32, device=x.device)
     block_h = math.gcd(h // g, 8)  # a power of two that divides the heads of a group
     _ssm_dual_update_kernel[(b, h // block_h)](
-        cache.xs, cache.Bs, cache.dts, cache.log_decays, cache.length, x, dt, dt_bias, A, B, C, y,
+        cache.xs, cache.Bs, cache.dts, cache.log_decays, cache.length, x, dt, dt_bias, A_log, B, C, y,
         h // g, p, n,
         *cache.xs.stride(), *cache.Bs.stride(), *cache.dts.stride(),
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
