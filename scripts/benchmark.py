@@ -67,8 +67,9 @@ def floor_seconds(model: AiMForImageGeneration, rows: int, bandwidth: float) -> 
     steps = config.num_tokens - 1
     state = AiMCache.row_bytes(config, model.dtype, "recurrent")["state"]
     history = AiMCache.row_bytes(config, model.dtype, "dual")
-    position = sum(history[name] for name in ("xs", "Bs", "dts", "log_decays")) / config.num_tokens
-    read_positions = sum(range(2, steps + 2))  # step k reads the k + 1 positions before it
+    capacity = AiMCache.shapes(config, 1, "dual")["xs"][2]
+    position = sum(history[name] for name in ("xs", "Bs", "dts", "log_decays")) / capacity
+    read_positions = sum(range(1, steps + 1))  # step k reads the k positions before it, appends one
     return {
         "recurrent": (steps * (weights + 2 * rows * state)) / bandwidth,
         "dual": (steps * weights + rows * position * (read_positions + steps)) / bandwidth,

@@ -34,8 +34,7 @@ def main() -> None:
     decoder.run(labels, uniforms.new_zeros(args.batch, 0, dtype=torch.long), uniforms)  # compile, capture
     print(f"cache form: {decoder.cache.form}; steps at the middle of the sequence")
     middle = model.config.num_tokens // 2
-    decoder.t.fill_(middle - 1)  # feeds code middle - 1 at sequence position middle
-    decoder.cache.length.fill_(middle)
+    decoder.cache.length.fill_(middle)  # feeds code middle - 1 at sequence position middle
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             decoder.step()

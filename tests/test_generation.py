@@ -43,6 +43,7 @@ def test_cached_steps_equal_forward(tiny_model, form, monkeypatch):
     """Both forms of the decoding cache: steps from the recurrent state or from the dual form's
     history give the forward's logits."""
     monkeypatch.setattr(tiny_model.config, "decode_cache", form)
+    calls = count_calls(monkeypatch, "ssm_dual_step")
     codes = torch.randint(0, 37, (3, 16))
     labels = torch.tensor([0, 3, 4])
     forward = tiny_model(codes, labels).logits
@@ -51,6 +52,22 @@ def test_cached_steps_equal_forward(tiny_model, form, monkeypatch):
     assert rel_err(teacher_forced_decode(tiny_model, codes, labels, 1.0, start=5), forward[:, 5:]) < RTOL
     # the longest prefix fills every position of the cache but the last code's
     assert rel_err(teacher_forced_decode(tiny_model, codes, labels, 1.0, start=15), forward[:, 15:]) < RTOL
+    layers, steps = tiny_model.config.num_hidden_layers, 15 + 10 + 0  # decoded from 0, 5 and 15
+    assert calls == ([layers * steps] if form == "dual" else [0])
+
+
+def count_calls(monkeypatch, name: str) -> list[int]:
+    """Counts the calls of ``aim_hf.mamba2.<name>`` (a one-element list, updated in place)."""
+    import aim_hf.mamba2
+
+    calls, original = [0], getattr(aim_hf.mamba2, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(aim_hf.mamba2, name, counted)
+    return calls
 
 
 @pytest.mark.parametrize("original_positions", [True, False])
@@ -132,6 +149,8 @@ def test_both_cache_forms_generate_the_same_codes(tiny_model, monkeypatch):
     """``generate`` end to end with the dual cache: in float64 its logits equal the recurrent
     form's to ~1e-15, so the same uniforms draw the same codes (guidance and a prefix included)."""
 
+    calls = count_calls(monkeypatch, "ssm_dual_step")
+
     def run(form):
         monkeypatch.setattr(tiny_model.config, "decode_cache", form)
         gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
@@ -139,7 +158,10 @@ def test_both_cache_forms_generate_the_same_codes(tiny_model, monkeypatch):
             [1, 4], guidance_scale=1.5, generator=gens, prefix=torch.tensor([[3, 7], [0, 1]])
         )
 
-    recurrent, dual = run("recurrent"), run("dual")
+    recurrent = run("recurrent")
+    assert calls == [0]
+    dual = run("dual")
+    assert calls[0] == tiny_model.config.num_hidden_layers * (16 - 2 - 1)  # steps after the prefix
     assert torch.equal(recurrent, dual) and torch.equal(dual[:, :2], torch.tensor([[3, 7], [0, 1]]))
 
 

@@ -53,7 +53,7 @@ def test_cache_forms_and_sizes():
     """The dual history's size per row, the "auto" choice (recurrent off CUDA) and a bad form."""
     config = tiny_config()
     dual = AiMCache.row_bytes(config, torch.bfloat16, "dual")
-    t, layers = config.num_tokens, config.num_hidden_layers
+    t, layers = config.num_tokens + 1, config.num_hidden_layers
     assert dual["xs"] == layers * t * config.intermediate_size * 2
     assert dual["log_decays"] == dual["dts"] == layers * t * config.num_heads * 4  # float32 for bf16
     assert AiMCache(config, 3, torch.float32, "cpu", "dual").nbytes() == 3 * sum(
@@ -234,9 +234,11 @@ def test_training_step_reduces_loss():
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_gradient_checkpointing_same_gradients():
+@pytest.mark.parametrize("groups", [2, 4], ids=["layer-tables", "no-layer-tables"])
+def test_gradient_checkpointing_same_gradients(groups):
+    """Also where a block's returned gate is a view of its checkpointed input (G = layers)."""
     torch.manual_seed(0)
-    model = randomize(AiMForImageGeneration(tiny_config()).double()).train()
+    model = randomize(AiMForImageGeneration(tiny_config(adaln_groups=groups)).double()).train()
     codes = torch.randint(0, 37, (2, 16))
     labels = torch.tensor([0, 1])
 

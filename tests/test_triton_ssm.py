@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from test_data import REPO
 
 pytest.importorskip("triton")  # installed with the test extra; the skip only guards odd setups
 
@@ -32,43 +33,51 @@ def strided(t):  # a view with the layout of the mixer's split of in_proj's outp
 g = torch.Generator().manual_seed(0)
 device = "{device}"
 cases = [(3, 4, 8, 8, 1, torch.float32), (2, 6, 20, 16, 2, torch.float32), (2, 4, 64, 128, 1, torch.bfloat16),
-         (2, 6, 12, 10, 3, torch.float32)]
+         (2, 6, 12, 10, 3, torch.float32), (2, 24, 8, 16, 2, torch.float16)]
 for b, h, p, n, groups, dtype in cases:
     new = lambda *shape: torch.randn(*shape, generator=g).to(device)
     x = new(b, h, p).to(dtype)
     dt, bias = new(b, h), new(h) * 0.5
     A_log = torch.log(torch.rand(h, generator=g) * 3 + 0.5).to(device)  # A = -exp(A_log)
     B, C = new(b, groups, n).to(dtype), new(b, groups, n).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 2**-7
 
-    # conv window shift, conv, bias and SiLU (conv_dim = 2 p, kernel 4)
+    # conv window shift, conv, bias and SiLU (conv_dim = 2 p, kernel 4; 3 and 5 below)
     xbc, conv, weight, cbias = new(b, 2 * p).to(dtype), new(b, 2 * p, 4).to(dtype), new(2 * p, 4).to(dtype), new(2 * p).to(dtype)
     ref_conv = conv.clone()
     out_ref = conv_step(xbc, ref_conv, weight, cbias)
     out = conv_update(strided(xbc), conv, weight, cbias)
-    assert out.dtype == dtype and rel(out, out_ref) < (1e-6 if dtype == torch.float32 else 2**-7), rel(out, out_ref)
+    assert out.dtype == dtype and rel(out, out_ref) < tol, rel(out, out_ref)
     assert torch.equal(conv, ref_conv)
-    assert rel(conv_update(xbc, conv.clone(), weight, None), conv_step(xbc, conv.clone(), weight, None)) < 2**-7
+    for k in (3, 5):
+        window, w = new(b, 2 * p, k).to(dtype), new(2 * p, k).to(dtype)
+        assert rel(conv_update(xbc, window.clone(), w, None), conv_step(xbc, window.clone(), w, None)) < tol
 
-    # the recurrent form
+    # the recurrent form (x, dt, B and C as strided views, like the mixer's split of in_proj)
     state = new(b, h, p, n).to(dtype)
     ref_state, state = state.clone(), state.clone()
-    assert supported(state)
+    assert supported(state) and not supported(state.double())
     y_ref = ssm_step(ref_state, x, dt, bias, A_log, B, C)
-    y = ssm_update(state, strided(x), dt, bias, A_log, B, C)
+    y = ssm_update(state, strided(x), strided(dt), bias, A_log, strided(B), strided(C))
     assert y.dtype == torch.float32 and rel(y, y_ref) < 1e-5, rel(y, y_ref)
-    assert rel(state, ref_state) < (1e-6 if dtype == torch.float32 else 2**-7), rel(state, ref_state)
+    assert rel(state, ref_state) < tol, rel(state, ref_state)
 
-    # the dual form: a history of 37 positions (more than two blocks of the kernel's loop)
-    capacity, seen = 40, 37
+    # the dual form at the first position, inside and across loop blocks and at the last one
+    capacity = 40
     history = dict(xs=new(b, capacity, h, p).to(dtype), Bs=new(b, capacity, groups, n).to(dtype),
                    dts=new(b, capacity, h).abs() * 0.3, log_decays=-new(b, capacity, h).abs().cumsum(1) * 0.1)
-    mine = LayerCache(conv=conv, length=torch.tensor(seen, device=device), **{{k: v.clone() for k, v in history.items()}})
-    ref = LayerCache(conv=conv, length=torch.tensor(seen, device=device), **{{k: v.clone() for k, v in history.items()}})
-    y_ref = ssm_dual_step(ref, x, dt, bias, A_log, B, C)
-    y = ssm_dual_update(mine, strided(x), dt, bias, A_log, B, C)
-    assert y.dtype == torch.float32 and rel(y, y_ref) < 1e-5, rel(y, y_ref)
-    for name in ("xs", "Bs", "dts", "log_decays"):
-        assert rel(getattr(mine, name), getattr(ref, name)) < 1e-6, name
+    def cache(seen):
+        return LayerCache(conv=conv, length=torch.tensor(seen, device=device), **{{k: v.clone() for k, v in history.items()}})
+    for seen, block_t in [(0, 8), (8, 8), (11, 16), (37, 8), (39, 32)]:
+        mine, ref = cache(seen), cache(seen)
+        y_ref = ssm_dual_step(ref, x, dt, bias, A_log, B, C)
+        y = ssm_dual_update(mine, strided(x), strided(dt), bias, A_log, strided(B), strided(C), block_t=block_t)
+        assert y.dtype == torch.float32 and rel(y, y_ref) < 1e-5, (seen, rel(y, y_ref))
+        for name in ("xs", "Bs", "dts", "log_decays"):
+            assert rel(getattr(mine, name), getattr(ref, name)) < 1e-6, (seen, name)
+    full = cache(capacity)  # a full history: the output is computed, nothing is written past its end
+    ssm_dual_update(full, x, dt, bias, A_log, B, C)
+    assert all(torch.equal(getattr(full, k), v) for k, v in history.items())
 print("ok")
 """
 
@@ -81,6 +90,40 @@ def test_triton_update_matches_pure_step_in_interpreter():
         capture_output=True,
         text=True,
         timeout=300,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+MODEL = """
+import sys
+import torch
+sys.path.insert(0, "tests")
+from conftest import randomize, tiny_config
+from aim_hf import AiMForImageGeneration
+from aim_hf.mamba2 import Mamba2Mixer
+
+Mamba2Mixer.use_triton = lambda self, *tensors: True  # the kernels on CPU tensors, in the interpreter
+for groups, state, form in [(1, 8, "recurrent"), (2, 10, "dual"), (1, 8, "dual")]:
+    torch.manual_seed(0)
+    model = randomize(AiMForImageGeneration(tiny_config(decode_cache=form, n_groups=groups, state_size=state))).eval()
+    codes, labels = torch.randint(0, 37, (3, 16)), torch.tensor([0, 3, 4])
+    forward = model(codes, labels).logits
+    for start in (0, 5):
+        steps = []
+        out = model.decode(labels, codes[:, :start], 1.0, lambda t, logits: steps.append(logits) or codes[:, t])
+        err = ((torch.stack(steps, 1) - forward[:, start:]).norm() / forward.norm()).item()
+        assert torch.equal(out, codes) and err < 1e-5, (groups, state, form, start, err)
+print("ok")
+"""
+
+
+def test_model_decodes_through_the_kernels_in_interpreter():
+    """The mixer's wiring of the kernels (strided views of in_proj's split, the cache length, both
+    forms, 1 and 2 SSM groups, a state size that is not a power of two): cached float32 decoding
+    through them equals the forward to float32 rounding (1e-5 relative over all logits)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", MODEL], env=env, capture_output=True, text=True, timeout=600, cwd=REPO
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 

@@ -29,7 +29,8 @@ PRESETS: dict[str, dict] = {
 }
 
 STATE_DTYPES = ("float32", "bfloat16", "float16", "float64")
-DECODE_CACHES = ("auto", "recurrent", "dual")
+CACHE_FORMS = ("recurrent", "dual")  # modeling_aim.AiMCache
+DECODE_CACHES = ("auto", *CACHE_FORMS)
 
 
 class AiMConfig(PretrainedConfig):
@@ -50,16 +51,19 @@ class AiMConfig(PretrainedConfig):
         original_decode_positions: reproduce the original's decoding, which feeds code ``k`` with
             position ``k + 1`` although training used ``k``; set for converted original weights.
         use_mamba_kernels: use mamba-ssm / causal-conv1d kernels when installed and on CUDA.
-        use_triton_kernels: on CUDA, decode with this package's Triton state update (triton_ssm).
+        use_triton_kernels: on CUDA, decode with this package's Triton step kernels (triton_ssm:
+            conv, recurrent and dual SSM updates); without them "auto" keeps the recurrent cache.
         use_cuda_graphs: on CUDA, generate with compiled blocks and one CUDA graph per step.
-        state_dtype: storage dtype of the recurrent SSM state in generation; None keeps it in the
-            weights' dtype, as mamba-ssm does (the update itself always computes in float32).
+        state_dtype: storage dtype of the recurrent SSM state in generation (the recurrent cache
+            only: the dual history is kept in the weights' dtype); None keeps it in the
+            weights' dtype, as mamba-ssm does (the update computes in float32, or float64 for a
+            float64 state).
             scripts/numerics.py found a bf16 state adds no measurable error to bf16 weights' and
             it halves the bytes that bound large-batch decoding (BENCHMARKS.md).
         decode_cache: the SSM's memory in generation: "recurrent" (the state, read and written
             every step), "dual" (the history of x, B and the decays, written once and read after:
-            about half the bytes for 256 tokens, twice the memory) or "auto" (dual on CUDA from
-            128 rows, where it measured faster: ``AiMForImageGeneration.cache_form``).
+            about half the bytes for 256 tokens, twice the memory) or "auto" (dual for the CUDA-graph
+            decoder from 128 rows, where it measured faster: ``AiMForImageGeneration.cache_form``).
         default_guidance_scale: classifier-free guidance used when a call names none (the paper's
             evaluation setting for the presets).
     """

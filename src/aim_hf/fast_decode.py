@@ -43,7 +43,7 @@ class CUDAGraphDecoder:
         temperature: float,
         top_k: int,
         top_p: float,
-        form: str = "recurrent",
+        form: str,
     ):
         config = model.config
         self.model = model
@@ -54,7 +54,6 @@ class CUDAGraphDecoder:
         self.cache = AiMCache(config, rows, dtype, device, form)
         self.codes = torch.zeros(batch, config.num_tokens, dtype=torch.long, device=device)
         self.uniforms = torch.zeros(batch, config.num_tokens, dtype=torch.float64, device=device)
-        self.t = torch.zeros((), dtype=torch.long, device=device)  # index of the code being fed
         self.offset = int(config.original_decode_positions)
         d = config.hidden_size
         self.groups = torch.zeros(rows, config.adaln_groups, 3, d, dtype=dtype, device=device)
@@ -70,25 +69,24 @@ class CUDAGraphDecoder:
         return sample_inverse_cdf(filter_logits(logits, temperature, top_k, top_p), uniforms)
 
     def step(self) -> None:
-        """Feed code t, sample code t + 1 into ``codes``, advance t: all on the device."""
+        """Feed code t, sample code t + 1 into ``codes``, advance the cache: all on the device."""
         model = self.model
-        token = self.codes.index_select(1, self.t.view(1)).squeeze(1)
+        t = self.cache.length - 1  # the cache holds the class token and codes 0..t-1
+        token = self.codes.index_select(1, t.view(1)).squeeze(1)
         token = token.repeat(2) if self.guided else token
-        position = (self.t + self.offset).expand(token.shape[0])
+        position = (t + self.offset).expand(token.shape[0])
         hidden = model.model.step(token, position, self.groups, self.final, self.cache, compiled_block_step())
         logits = model.lm_head(hidden.to(model.lm_head.weight.dtype))
-        nxt = (self.t + 1).view(1)
+        nxt = (t + 1).view(1)
         code = self.sample(logits, self.uniforms.index_select(1, nxt).squeeze(1))
         self.codes.index_copy_(1, nxt, code[:, None])
-        self.t.add_(1)
 
     def capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):  # compile and warm up outside the graph
-                self.t.zero_()
-                self.cache.length.zero_()
+                self.cache.length.fill_(1)
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
@@ -97,8 +95,8 @@ class CUDAGraphDecoder:
 
     @torch.no_grad()
     def prefill(self, labels: torch.Tensor, prefix: torch.Tensor, uniforms: torch.Tensor) -> None:
-        """Eager pass over the class token and the prefix: fills the cache, draws the first new
-        code and sets the step counter (the prefix length varies, so it is not captured)."""
+        """Eager pass over the class token and the prefix: fills the cache (and its length, the
+        step counter) and draws the first new code (the prefix length varies: not captured)."""
         model, config = self.model, self.model.config
         start = prefix.shape[1]
         if self.guided:
@@ -112,8 +110,7 @@ class CUDAGraphDecoder:
         self.final.copy_(final)
         self.uniforms[:, start:] = uniforms
         self.codes[:, :start] = prefix
-        self.codes[:, start] = self.sample(logits, self.uniforms[:, start])
-        self.t.fill_(start)
+        self.codes[:, start] = self.sample(logits, self.uniforms[:, start])  # the forward set cache.length
 
     @torch.no_grad()
     def run(

@@ -94,7 +94,8 @@ class LayerCache(NamedTuple):
     """One layer's part of a decoding cache (``modeling_aim.AiMCache``).
 
     ``conv`` (b, conv_dim, k) holds the last conv inputs; ``length`` (a 0-d long tensor on the
-    device) counts the positions seen. The SSM's memory takes one of two forms: the recurrent
+    device, one for all layers) counts the positions seen: the model's forward sets it and its
+    step advances it after the last layer, so a mixer's step reads it but never moves it. The SSM's memory takes one of two forms: the recurrent
     ``state`` (b, h, p, n), read and written every step, or the history of the quadratic ("dual")
     form, written once per position and only read afterwards: ``xs`` (b, T, h, p), ``Bs``
     (b, T, g, n), ``dts`` (b, T, h) after softplus and ``log_decays`` (b, T, h), the running sum
@@ -242,9 +243,14 @@ class Mamba2Mixer(nn.Module):
             and not torch.compiler.is_compiling()
         )
 
-    def use_triton(self, tensor: torch.Tensor) -> bool:
-        """This package's Triton step kernels (``triton_ssm``) on CUDA, compiled or not."""
-        return self.config.use_triton_kernels and tensor.is_cuda and triton_ssm.supported(tensor)
+    def use_triton(self, *tensors: torch.Tensor | None) -> bool:
+        """This package's Triton step kernels (``triton_ssm``) on CUDA, compiled or not, when they
+        support every given tensor's dtype (a float64 state stays on the pure step)."""
+        return (
+            self.config.use_triton_kernels
+            and tensors[0].is_cuda
+            and all(triton_ssm.supported(t) for t in tensors if t is not None)
+        )
 
     def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
@@ -314,7 +320,7 @@ class Mamba2Mixer(nn.Module):
                 self.D[:, None].expand(-1, p), dt_bias=self.dt_bias[:, None].expand(-1, p), dt_softplus=True,
             )  # fmt: skip
         else:
-            triton = self.use_triton(hidden_states)
+            triton = self.use_triton(hidden_states, cache.state)
             xbc = (triton_ssm.conv_update if triton else conv_step)(xbc, cache.conv, weight, bias)
             x, B, C = self._split_xbc(xbc)
             if cache.state is not None:

@@ -15,7 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from . import triton_ssm
-from .configuration_aim import AiMConfig
+from .configuration_aim import CACHE_FORMS, AiMConfig
 from .mamba2 import GatedRMSNorm, LayerCache, Mamba2Mixer, compute_dtype
 from .sampling import check_sampling_args, draw_uniforms, filter_logits, guide, sample_inverse_cdf
 
@@ -54,10 +54,10 @@ class AiMCache:
     """Everything decoding keeps for one batch, every layer stacked, allocated once per generation.
 
     ``form`` is the SSM's memory (``mamba2.LayerCache``): "recurrent", the state (b, h, p, n) per
-    layer, or "dual", the history of the quadratic form for ``config.num_tokens`` positions.
+    layer, or "dual", the history of the quadratic form for ``config.num_tokens + 1`` positions.
     """
 
-    FORMS = ("recurrent", "dual")
+    FORMS = CACHE_FORMS
 
     def __init__(
         self,
@@ -85,7 +85,7 @@ class AiMCache:
         shapes = {"conv": (n, b, conv_dim, config.conv_kernel)}
         if form == "recurrent":
             return {**shapes, "state": (n, b, h, p, config.state_size)}
-        t = config.num_tokens  # positions ever fed: the class token and all codes but the last
+        t = config.num_tokens + 1  # the class token and every code (generation feeds all but the last)
         return {
             **shapes,
             "xs": (n, b, t, h, p),
@@ -123,7 +123,7 @@ class AiMCache:
 
 
 class AiMBlock(GradientCheckpointingLayer):
-    """Residual add, RMSNorm, adaLN modulation, Mamba2 mixer, gate."""
+    """Residual add (of the previous block's gated output), RMSNorm, adaLN modulation, Mamba2 mixer."""
 
     def __init__(self, config: AiMConfig):
         super().__init__()
@@ -466,11 +466,10 @@ class AiMForImageGeneration(AiMPreTrainedModel):
 
     def max_batch_size_for(self, guided: bool) -> int:
         """How many images fit in the free memory of the model's CUDA device: the decoding cache
-        (the larger of its two forms) and the per-row logits work of each image, within 80% of
-        what is free."""
+        (in the form it will take) and the per-row logits work of each image, within 80% of what
+        is free."""
         config = self.config
         rows = 2 if guided else 1
-        cache = max(sum(AiMCache.row_bytes(config, self.dtype, form).values()) for form in AiMCache.FORMS)
         work = (
             config.vocab_size * 32 + config.num_tokens * config.intermediate_size * 4 * 8
         )  # logits, prefix pass
@@ -478,17 +477,28 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         decoder = getattr(self, "_graph_decoder", None)
         if decoder is not None:  # its cache is freed or reused by the next call
             free += decoder.cache.nbytes()
-        return max(1, int(0.8 * free) // (rows * (cache + work)))
+
+        def fitting(form: str) -> int:
+            return int(0.8 * free) // (rows * (sum(AiMCache.row_bytes(config, self.dtype, form).values()) + work))
+
+        images = fitting("recurrent")
+        if self.cache_form(rows * images, self.device) == "dual":  # about twice the memory a row
+            dual = fitting("dual")
+            forced = config.decode_cache == "dual"
+            # "auto" takes the recurrent form below DUAL_FROM_ROWS rows: a larger chunk may fit so
+            images = dual if forced or rows * dual >= DUAL_FROM_ROWS else min(images, (DUAL_FROM_ROWS - 1) // rows)
+        return max(1, images)
 
     def cache_form(self, rows: int, device: torch.device) -> str:
-        """``config.decode_cache``; "auto" picks the dual form where it measured faster: on CUDA
-        with the Triton kernels from ``DUAL_FROM_ROWS`` rows (H100, BENCHMARKS.md: equal at 128
-        rows, 7-11% faster at 512; at 2 rows its kernel is 4x slower than the recurrent one)."""
+        """``config.decode_cache``; "auto" picks the dual form where it measured faster: in the
+        CUDA-graph decoder with the Triton kernels, from ``DUAL_FROM_ROWS`` rows (H100,
+        BENCHMARKS.md: equal at 128 rows, 7-11% faster at 512; at 2 rows its kernel is 2-6x slower
+        than the recurrent one). The eager loop keeps the recurrent form and mamba-ssm's kernels."""
         config = self.config
         if config.decode_cache != "auto":
             return config.decode_cache
-        on_cuda = torch.device(device).type == "cuda"
-        if on_cuda and config.use_triton_kernels and triton_ssm.supported(self.lm_head.weight):
+        graphs = torch.device(device).type == "cuda" and config.use_cuda_graphs
+        if graphs and config.use_triton_kernels and triton_ssm.supported(self.lm_head.weight):
             return "dual" if rows >= DUAL_FROM_ROWS else "recurrent"
         return "recurrent"
 

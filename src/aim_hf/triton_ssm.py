@@ -45,7 +45,7 @@ if TRITON_AVAILABLE:
         x_b, x_c, s_b, s_c, s_k, w_c, w_k, o_b, o_c,
         K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a layer's cache can pass 2^31 elements
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         k = tl.arange(0, BLOCK_K)
         valid = (c < channels)[:, None] & (k < K)[None, :]
@@ -69,7 +69,7 @@ if TRITON_AVAILABLE:
         s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n, y_b, y_h, y_p,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
+        pid = tl.program_id(0).to(tl.int64)
         batch, head = pid // heads, pid % heads
         group = head // heads_per_group
         p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -92,12 +92,12 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _ssm_dual_update_kernel(
         xs_ptr, bs_ptr, dts_ptr, ld_ptr, length_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_log_ptr, b_ptr, c_ptr, y_ptr,
-        heads_per_group, P, N,
+        heads_per_group, P, N, capacity,
         xs_b, xs_t, xs_h, xs_p, bs_b, bs_t, bs_g, bs_n, d_b, d_t, d_h,
         x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n, y_b, y_h, y_p,
         BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         first = tl.program_id(1) * BLOCK_H
         h = first + tl.arange(0, BLOCK_H)  # BLOCK_H divides heads_per_group: one group per program
         group = first // heads_per_group
@@ -112,19 +112,21 @@ if TRITON_AVAILABLE:
         x = tl.load(x_ptr + row * x_b + x_tile, mask=pm[None, :], other=0.0)
         b = tl.load(b_ptr + row * b_b + group * b_g + n * b_n, mask=nm, other=0.0)
         c = tl.load(c_ptr + row * c_b + group * c_g + n * c_n, mask=nm, other=0.0).to(tl.float32)
-        # append position t; the sum below reads only positions before it, so no program reads
-        # what another writes in this launch
+        # append position t (never past the history's end); the sum below reads only positions
+        # before it, so no program reads what another writes in this launch
+        inside = tl.full((BLOCK_H,), 1, tl.int1) & (t < capacity)  # (BLOCK_H,): per head
         tl.store(
             xs_ptr + row * xs_b + t * xs_t + h[:, None] * xs_h + p[None, :] * xs_p,
-            x.to(xs_ptr.dtype.element_ty), mask=pm[None, :],
+            x.to(xs_ptr.dtype.element_ty), mask=inside[:, None] & pm[None, :],
         )  # fmt: skip
-        tl.store(dts_ptr + row * d_b + t * d_t + h * d_h, dt)
-        tl.store(ld_ptr + row * d_b + t * d_t + h * d_h, log_decay)
+        tl.store(dts_ptr + row * d_b + t * d_t + h * d_h, dt, mask=inside)
+        tl.store(ld_ptr + row * d_b + t * d_t + h * d_h, log_decay, mask=inside)
         if first % heads_per_group == 0:
+            b_out = bs_ptr + row * bs_b + t * bs_t + group * bs_g + n * bs_n
             tl.store(
-                bs_ptr + row * bs_b + t * bs_t + group * bs_g + n * bs_n,
+                b_out,
                 b.to(bs_ptr.dtype.element_ty),
-                mask=nm,
+                mask=nm & (tl.full((BLOCK_N,), 1, tl.int1) & (t < capacity)),
             )
         x = x.to(xs_ptr.dtype.element_ty).to(tl.float32)  # as stored, like the past positions
         b = b.to(bs_ptr.dtype.element_ty).to(tl.float32)
@@ -220,7 +222,7 @@ def ssm_dual_update(
     block_h = math.gcd(h // g, 8)  # a power of two that divides the heads of a group
     _ssm_dual_update_kernel[(b, h // block_h)](
         cache.xs, cache.Bs, cache.dts, cache.log_decays, cache.length, x, dt, dt_bias, A_log, B, C, y,
-        h // g, p, n,
+        h // g, p, n, cache.xs.shape[1],
         *cache.xs.stride(), *cache.Bs.stride(), *cache.dts.stride(),
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
         BLOCK_H=block_h, BLOCK_P=triton.next_power_of_2(p), BLOCK_N=triton.next_power_of_2(n), BLOCK_T=block_t,
