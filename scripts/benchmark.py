@@ -76,6 +76,21 @@ def floor_seconds(model: AiMForImageGeneration, rows: int, bandwidth: float) -> 
     }
 
 
+def write_result(path: str, script: str, rows: list[dict], **fields) -> dict:
+    """A benchmark's JSON, written atomically: the card, the date, ``fields``, the command line
+    of ``scripts/<script>`` and the rows."""
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "date": date.today().isoformat(),
+        **fields,
+        "command": f"python scripts/{script} " + " ".join(sys.argv[1:]),
+        "rows": rows,
+    }
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def time_call(fn, *args, **kwargs) -> tuple[float, object]:
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -162,16 +177,9 @@ def main() -> None:
                 )
         model._graph_decoder = None
         torch.cuda.empty_cache()
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "date": date.today().isoformat(),
-        "torch": torch.__version__,
-        "copy_bandwidth_gb_s": bandwidth / 1e9,
-        "command": "python scripts/benchmark.py " + " ".join(sys.argv[1:]),
-        "rows": rows,
-    }
-    with atomic_path(args.json) as tmp:
-        tmp.write_text(json.dumps(result, indent=1))
+    result = write_result(
+        args.json, "benchmark.py", rows, torch=torch.__version__, copy_bandwidth_gb_s=bandwidth / 1e9
+    )
     print(f"\n{result['device']}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, {result['date']}")
     print(f"{'preset':8s}{'batch':>6s}{'mode':>16s}{'loop s':>9s}{'img/s':>9s}{'x floor':>9s}{'first s':>9s}")
     for r in rows:

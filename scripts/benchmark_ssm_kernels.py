@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import sys
-from datetime import date
 
 import torch
 import triton.testing
-from benchmark import copy_bandwidth  # scripts/ is on the path when run as a script
+from benchmark import copy_bandwidth, write_result  # scripts/ is on the path when run as a script
 
 from aim_hf import AiMConfig
-from aim_hf.files import atomic_path
 from aim_hf.mamba2 import LayerCache
 from aim_hf.triton_ssm import ssm_dual_update, ssm_update
 
@@ -104,15 +100,7 @@ def main() -> None:
     results = []
     for preset, rows in itertools.product(args.presets, args.rows):
         results += time_layer(AiMConfig.from_preset(preset), preset, rows, args, bandwidth)
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "date": date.today().isoformat(),
-        "copy_bandwidth_gb_s": bandwidth / 1e9,
-        "command": "python scripts/benchmark_ssm_kernels.py " + " ".join(sys.argv[1:]),
-        "rows": results,
-    }
-    with atomic_path(args.json) as tmp:
-        tmp.write_text(json.dumps(result, indent=1))
+    write_result(args.json, "benchmark_ssm_kernels.py", results, copy_bandwidth_gb_s=bandwidth / 1e9)
     print(f"wrote {args.json}")
 
 

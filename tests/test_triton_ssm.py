@@ -82,16 +82,17 @@ print("ok")
 """
 
 
-def test_triton_update_matches_pure_step_in_interpreter():
+def run_in_interpreter(code: str, timeout: int) -> None:
+    """Runs ``code`` in a fresh Python under Triton's interpreter; it must print "ok"."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, "-c", CHECK.format(device="cpu")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_triton_update_matches_pure_step_in_interpreter():
+    run_in_interpreter(CHECK.format(device="cpu"), timeout=300)
 
 
 MODEL = """
@@ -121,11 +122,7 @@ def test_model_decodes_through_the_kernels_in_interpreter():
     """The mixer's wiring of the kernels (strided views of in_proj's split, the cache length, both
     forms, 1 and 2 SSM groups, a state size that is not a power of two): cached float32 decoding
     through them equals the forward to float32 rounding (1e-5 relative over all logits)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", MODEL], env=env, capture_output=True, text=True, timeout=600, cwd=REPO
-    )
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    run_in_interpreter(MODEL, timeout=600)
 
 
 @pytest.mark.gpu
