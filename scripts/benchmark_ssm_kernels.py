@@ -56,8 +56,13 @@ def time_layer(
             lambda: ssm_update(state, x, dt, bias, A_log, B, C),
         )
     ]
-    for block_t, warps, stages in itertools.product(args.block_t, args.num_warps, args.num_stages):
-        launch = {"block_t": block_t, "num_warps": warps, "num_stages": stages}
+    sweep = itertools.product(args.block_t, args.block_h, args.num_warps, args.num_stages)
+    for block_t, block_h, warps, stages in sweep:
+        launch = {"block_t": block_t, "num_stages": stages}
+        launch |= {"block_h": block_h} if block_h else {}
+        launch |= {"num_warps": warps} if warps else {}
+        if block_h and config.num_heads // config.n_groups % block_h:
+            continue
         runs.append(
             ("dual", launch, (args.position + 1) * per_position,
              lambda launch=launch: ssm_dual_update(cache, x, dt, bias, A_log, B, C, **launch))
@@ -90,8 +95,9 @@ def main() -> None:
     )
     parser.add_argument("--position", type=int, default=128, help="positions already in the history")
     parser.add_argument("--block-t", nargs="+", type=int, default=[8, 16, 32])
-    parser.add_argument("--num-warps", nargs="+", type=int, default=[4, 8])
-    parser.add_argument("--num-stages", nargs="+", type=int, default=[3])
+    parser.add_argument("--block-h", nargs="+", type=int, default=[0, 4, 8, 16], help="0: the kernel's default")
+    parser.add_argument("--num-warps", nargs="+", type=int, default=[0], help="0: the kernel's default")
+    parser.add_argument("--num-stages", nargs="+", type=int, default=[2, 3])
     parser.add_argument("--json", default="benchmark_ssm_kernels.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():

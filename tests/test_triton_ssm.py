@@ -68,10 +68,10 @@ for b, h, p, n, groups, dtype in cases:
                    dts=new(b, capacity, h).abs() * 0.3, log_decays=-new(b, capacity, h).abs().cumsum(1) * 0.1)
     def cache(seen):
         return LayerCache(conv=conv, length=torch.tensor(seen, device=device), **{{k: v.clone() for k, v in history.items()}})
-    for seen, block_t in [(0, 8), (8, 8), (11, 16), (37, 8), (39, 32)]:
+    for seen, block_t, block_h in [(0, 8, None), (8, 8, None), (11, 16, 1), (37, 8, None), (39, 32, 1)]:
         mine, ref = cache(seen), cache(seen)
         y_ref = ssm_dual_step(ref, x, dt, bias, A_log, B, C)
-        y = ssm_dual_update(mine, strided(x), strided(dt), bias, A_log, strided(B), strided(C), block_t=block_t)
+        y = ssm_dual_update(mine, strided(x), strided(dt), bias, A_log, strided(B), strided(C), block_t=block_t, block_h=block_h)
         assert y.dtype == torch.float32 and rel(y, y_ref) < 1e-5, (seen, rel(y, y_ref))
         for name in ("xs", "Bs", "dts", "log_decays"):
             assert rel(getattr(mine, name), getattr(ref, name)) < 1e-6, (seen, name)
@@ -139,3 +139,17 @@ def test_cpu_tensors_take_the_pure_step():
 
     mixer = Mamba2Mixer(tiny_config())
     assert not mixer.use_triton(torch.zeros(1, 8))
+
+
+def test_dual_update_rejects_a_head_block_that_splits_a_group():
+    from aim_hf.mamba2 import LayerCache
+    from aim_hf.triton_ssm import ssm_dual_update
+
+    b, t, h, p, n = 1, 4, 6, 8, 8
+    cache = LayerCache(
+        conv=torch.zeros(1), length=torch.tensor(0), xs=torch.zeros(b, t, h, p), Bs=torch.zeros(b, t, 1, n),
+        dts=torch.zeros(b, t, h), log_decays=torch.zeros(b, t, h),
+    )  # fmt: skip
+    x, dt, B = torch.zeros(b, h, p), torch.zeros(b, h), torch.zeros(b, 1, n)
+    with pytest.raises(ValueError, match="block_h=4 must divide the 6 heads"):
+        ssm_dual_update(cache, x, dt, torch.zeros(h), torch.zeros(h), B, B, block_h=4)

@@ -97,8 +97,10 @@ if TRITON_AVAILABLE:
         x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n, y_b, y_h, y_p,
         BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        first = tl.program_id(1) * BLOCK_H
+        # the head blocks of a row are neighbours in launch order: B of the row's past positions,
+        # which every head block of a group reads, comes from L2 after the first
+        row = tl.program_id(1).to(tl.int64)
+        first = tl.program_id(0) * BLOCK_H
         h = first + tl.arange(0, BLOCK_H)  # BLOCK_H divides heads_per_group: one group per program
         group = first // heads_per_group
         p = tl.arange(0, BLOCK_P)
@@ -131,9 +133,8 @@ if TRITON_AVAILABLE:
         x = x.to(xs_ptr.dtype.element_ty).to(tl.float32)  # as stored, like the past positions
         b = b.to(bs_ptr.dtype.element_ty).to(tl.float32)
         y = (tl.sum(b * c, axis=0) * dt)[:, None] * x
-        # products accumulate per past position and are reduced once after the loop, which keeps
-        # the cross-thread reduction out of the loop
-        acc = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_P), dtype=tl.float32)
+        # a thread holds every past position of its (head, head_dim) elements: with one warp per
+        # four heads, the sum over positions stays inside each thread at every loop step
         for start in range(0, t, BLOCK_T):
             s = start + tl.arange(0, BLOCK_T)
             sm = s < t
@@ -150,8 +151,7 @@ if TRITON_AVAILABLE:
                 xs_ptr + row * xs_b + s[:, None, None] * xs_t + h[None, :, None] * xs_h + p[None, None, :] * xs_p,
                 mask=sm[:, None, None] & pm[None, None, :], other=0.0,
             ).to(tl.float32)  # fmt: skip
-            acc += w[:, :, None] * past_x
-        y += tl.sum(acc, axis=0)
+            y += tl.sum(w[:, :, None] * past_x, axis=0)
         tl.store(y_ptr + row * y_b + h[:, None] * y_h + p[None, :] * y_p, y, mask=pm[None, :])
 
 
@@ -206,21 +206,26 @@ def ssm_dual_update(
     A_log: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    block_t: int = 8,
-    num_warps: int = 4,
+    block_t: int = 16,
+    block_h: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 3,
 ) -> torch.Tensor:
-    """Same contract as ``mamba2.ssm_dual_step``; ``block_t`` past positions per loop step,
-    ``num_warps`` and ``num_stages`` (software pipelining of the loop's loads) are the launch's
-    tuning knobs; the defaults were fastest for AiM-B and AiM-XL
-    at 512 rows on an H100 (BENCHMARKS.md, scripts/benchmark_ssm_kernels.py)."""
+    """Same contract as ``mamba2.ssm_dual_step``. Launch knobs: ``block_t`` past positions per
+    loop step, ``block_h`` heads per program (default: the largest power of two up to 16 that
+    divides a group's heads), ``num_warps`` (default one per four heads, which keeps the sum over
+    positions inside each thread) and ``num_stages`` (software pipelining of the loop's loads);
+    defaults from scripts/benchmark_ssm_kernels.py on an H100 (BENCHMARKS.md)."""
     b, h, p = x.shape
     g, n = B.shape[1:]
     if cache.dts.stride() != cache.log_decays.stride():
         raise ValueError("the dual history's dts and log_decays must share one layout")
+    block_h = block_h or math.gcd(h // g, 16)
+    if (h // g) % block_h:
+        raise ValueError(f"block_h={block_h} must divide the {h // g} heads of a group")
+    num_warps = num_warps or max(1, block_h // 4)
     y = torch.empty(b, h, p, dtype=torch.float32, device=x.device)
-    block_h = math.gcd(h // g, 8)  # a power of two that divides the heads of a group
-    _ssm_dual_update_kernel[(b, h // block_h)](
+    _ssm_dual_update_kernel[(h // block_h, b)](
         cache.xs, cache.Bs, cache.dts, cache.log_decays, cache.length, x, dt, dt_bias, A_log, B, C, y,
         h // g, p, n, cache.xs.shape[1],
         *cache.xs.stride(), *cache.Bs.stride(), *cache.dts.stride(),
