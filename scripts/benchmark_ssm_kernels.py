@@ -95,7 +95,9 @@ def main() -> None:
     )
     parser.add_argument("--position", type=int, default=128, help="positions already in the history")
     parser.add_argument("--block-t", nargs="+", type=int, default=[8, 16, 32])
-    parser.add_argument("--block-h", nargs="+", type=int, default=[0, 4, 8, 16], help="0: the kernel's default")
+    parser.add_argument(
+        "--block-h", nargs="+", type=int, default=[0, 4, 8, 16], help="0: the kernel's default"
+    )
     parser.add_argument("--num-warps", nargs="+", type=int, default=[0], help="0: the kernel's default")
     parser.add_argument("--num-stages", nargs="+", type=int, default=[2, 3])
     parser.add_argument("--json", default="benchmark_ssm_kernels.json")
