@@ -33,7 +33,8 @@ def strided(t):  # a view with the layout of the mixer's split of in_proj's outp
 g = torch.Generator().manual_seed(0)
 device = "{device}"
 cases = [(3, 4, 8, 8, 1, torch.float32), (2, 6, 20, 16, 2, torch.float32), (2, 4, 64, 128, 1, torch.bfloat16),
-         (2, 6, 12, 10, 3, torch.float32), (2, 24, 8, 16, 2, torch.float16)]
+         (2, 6, 12, 10, 3, torch.float32), (2, 24, 8, 16, 2, torch.float16),
+         (2, 16, 64, 128, 1, torch.bfloat16)]  # the last: AiM's head and state sizes, 16 heads a program
 for b, h, p, n, groups, dtype in cases:
     new = lambda *shape: torch.randn(*shape, generator=g).to(device)
     x = new(b, h, p).to(dtype)
