@@ -212,15 +212,16 @@ def ssm_dual_update(
     num_stages: int = 3,
 ) -> torch.Tensor:
     """Same contract as ``mamba2.ssm_dual_step``. Launch knobs: ``block_t`` past positions per
-    loop step, ``block_h`` heads per program (default: the largest power of two up to 16 that
-    divides a group's heads), ``num_warps`` (default one per four heads, which keeps the sum over
-    positions inside each thread) and ``num_stages`` (software pipelining of the loop's loads);
-    defaults from scripts/benchmark_ssm_kernels.py on an H100 (BENCHMARKS.md)."""
+    loop step, ``block_h`` heads per program (at most 4 by default, a divisor of a group's heads),
+    ``num_warps`` (default one per four heads, which keeps the sum over positions inside each
+    thread) and ``num_stages`` (software pipelining of the loop's loads). The defaults were
+    fastest for AiM-B and AiM-XL at 512 rows on an H100: 4 heads and 16 positions a program,
+    one warp, 0.79-0.86 of the copy bandwidth (BENCHMARKS.md, scripts/benchmark_ssm_kernels.py)."""
     b, h, p = x.shape
     g, n = B.shape[1:]
     if cache.dts.stride() != cache.log_decays.stride():
         raise ValueError("the dual history's dts and log_decays must share one layout")
-    block_h = block_h or math.gcd(h // g, 16)
+    block_h = block_h or math.gcd(h // g, 4)
     if (h // g) % block_h:
         raise ValueError(f"block_h={block_h} must divide the {h // g} heads of a group")
     num_warps = num_warps or max(1, block_h // 4)
