@@ -56,7 +56,7 @@ class CUDAGraphDecoder:
         self.uniforms = torch.zeros(batch, config.num_tokens, dtype=torch.float64, device=device)
         self.offset = int(config.original_decode_positions)
         d = config.hidden_size
-        self.groups = torch.zeros(rows, config.adaln_groups, 3, d, dtype=dtype, device=device)
+        self.modulations = torch.zeros(config.num_hidden_layers, rows, 3, d, dtype=dtype, device=device)
         self.final = torch.zeros(rows, 2, d, dtype=dtype, device=device)
         self.logits = torch.zeros(batch, config.vocab_size, dtype=torch.float32, device=device)  # last step's
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -75,7 +75,9 @@ class CUDAGraphDecoder:
         token = self.codes.index_select(1, t.view(1)).squeeze(1)
         token = token.repeat(2) if self.guided else token
         position = (t + self.offset).expand(token.shape[0])
-        hidden = model.model.step(token, position, self.groups, self.final, self.cache, compiled_block_step())
+        hidden = model.model.step(
+            token, position, self.modulations, self.final, self.cache, compiled_block_step()
+        )
         logits = model.lm_head(hidden.to(model.lm_head.weight.dtype))
         nxt = (t + 1).view(1)
         code = self.sample(logits, self.uniforms.index_select(1, nxt).squeeze(1))
@@ -105,8 +107,8 @@ class CUDAGraphDecoder:
         prefix_rows = prefix.repeat(2, 1) if self.guided else prefix
         hidden = model.model(prefix_rows, labels, cache=self.cache, positions=positions)
         logits = model.lm_head(hidden[:, -1].to(model.lm_head.weight.dtype))
-        _, groups, final = model.model.condition(labels)
-        self.groups.copy_(groups)
+        _, modulations, final = model.model.condition(labels)
+        self.modulations.copy_(modulations)
         self.final.copy_(final)
         self.uniforms[:, start:] = uniforms
         self.codes[:, :start] = prefix

@@ -143,7 +143,7 @@ class AiMBlock(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``hidden_states`` and ``gate`` are the previous block's mixer output and gate (for the
         first block: the embeddings and None); ``modulation`` (batch, 3, d) is this layer's adaLN
-        group; ``step`` decodes one token. Returns this block's mixer output, its gate and the
+        (``AiMModel.condition``); ``step`` decodes one token. Returns this block's mixer output, its gate and the
         residual stream. The gate is applied by the next block, at the residual add, so that a
         compiled decoding step fuses it with the norm instead of launching a kernel for it alone
         after the output projection."""
@@ -151,8 +151,6 @@ class AiMBlock(GradientCheckpointingLayer):
             residual = hidden_states.to(compute_dtype(self.norm.weight.dtype))
         else:
             residual = residual + gate * hidden_states
-        if hasattr(self, "adaln_table"):
-            modulation = modulation + self.adaln_table
         shift, scale, gate = modulation.unbind(1)
         hidden_states = modulate(self.norm(residual), shift, scale)
         if step:
@@ -227,11 +225,18 @@ class AiMModel(AiMPreTrainedModel):
         self.post_init()
 
     def condition(self, class_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Class embedding (b, d), adaLN groups (b, G, 3, d) and final (shift, scale) (b, 2, d)."""
+        """Class embedding (b, d), each layer's adaLN (shift, scale, gate) (L, b, 3, d) and the
+        final (shift, scale) (b, 2, d). A layer's adaLN is its group's (layer i is in group i % G)
+        plus its own table; both depend on the class only, so decoding computes them once."""
+        config = self.config
         c = self.embed_classes(class_labels)
-        groups = self.adaln(F.silu(c)).unflatten(-1, (self.config.adaln_groups, 3, -1))
+        groups = self.adaln(F.silu(c)).unflatten(-1, (config.adaln_groups, 3, -1))
+        layer_groups = torch.arange(config.num_hidden_layers, device=c.device) % config.adaln_groups
+        modulations = groups.index_select(1, layer_groups).transpose(0, 1)
+        if config.has_layer_tables:
+            modulations = modulations + torch.stack([layer.adaln_table for layer in self.layers])
         final = self.final_adaln(F.silu(c)).unflatten(-1, (2, -1))
-        return c, groups, final
+        return c, modulations, final
 
     def decode_positions(self, start: int, length: int, device: torch.device) -> torch.Tensor:
         """Position ids of codes start..start+length-1 in decoding: those of training, or shifted by
@@ -250,7 +255,7 @@ class AiMModel(AiMPreTrainedModel):
 
         With a ``cache`` (empty) the decoding state after the last position is written into it.
         ``positions`` are those of ``tokens`` (default ``0..m-1``, training's convention)."""
-        c, groups, final = self.condition(class_labels)
+        c, modulations, final = self.condition(class_labels)
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         embedded = self.embed_tokens(tokens) + self.embed_positions(positions)
@@ -258,9 +263,7 @@ class AiMModel(AiMPreTrainedModel):
         gate = residual = None
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layer(i) if cache is not None else None
-            hidden_states, gate, residual = layer(
-                hidden_states, gate, residual, groups[:, i % self.config.adaln_groups], layer_cache
-            )
+            hidden_states, gate, residual = layer(hidden_states, gate, residual, modulations[i], layer_cache)
         if cache is not None:
             cache.length.fill_(hidden_states.shape[1])
         return self.finish(gate * hidden_states, residual, final)
@@ -276,18 +279,18 @@ class AiMModel(AiMPreTrainedModel):
         self,
         token: torch.Tensor,
         position: torch.Tensor,
-        groups: torch.Tensor,
+        modulations: torch.Tensor,
         final: torch.Tensor,
         cache: AiMCache,
         run_block: Callable = block_step,
     ) -> torch.Tensor:
-        """One decoding step: ``token`` (b,) at ``position`` -> hidden state (b, d).
-        ``run_block`` runs one block's step (the CUDA-graph decoder passes a compiled one)."""
+        """One decoding step: ``token`` (b,) at ``position`` -> hidden state (b, d); ``modulations``
+        and ``final`` from ``condition``. ``run_block`` runs one block's step (the CUDA-graph decoder passes a compiled one)."""
         hidden_states = self.embed_tokens(token) + self.embed_positions(position)
         gate = residual = None
         for i, layer in enumerate(self.layers):
             hidden_states, gate, residual = run_block(
-                layer, hidden_states, gate, residual, groups[:, i % self.config.adaln_groups], cache.layer(i)
+                layer, hidden_states, gate, residual, modulations[i], cache.layer(i)
             )
         cache.length.add_(1)
         return self.finish(gate * hidden_states, residual, final)
@@ -479,14 +482,18 @@ class AiMForImageGeneration(AiMPreTrainedModel):
             free += decoder.cache.nbytes()
 
         def fitting(form: str) -> int:
-            return int(0.8 * free) // (rows * (sum(AiMCache.row_bytes(config, self.dtype, form).values()) + work))
+            return int(0.8 * free) // (
+                rows * (sum(AiMCache.row_bytes(config, self.dtype, form).values()) + work)
+            )
 
         images = fitting("recurrent")
         if self.cache_form(rows * images, self.device) == "dual":  # about twice the memory a row
             dual = fitting("dual")
             forced = config.decode_cache == "dual"
             # "auto" takes the recurrent form below DUAL_FROM_ROWS rows: a larger chunk may fit so
-            images = dual if forced or rows * dual >= DUAL_FROM_ROWS else min(images, (DUAL_FROM_ROWS - 1) // rows)
+            images = (
+                dual if forced or rows * dual >= DUAL_FROM_ROWS else min(images, (DUAL_FROM_ROWS - 1) // rows)
+            )
         return max(1, images)
 
     def cache_form(self, rows: int, device: torch.device) -> str:
@@ -547,7 +554,7 @@ class AiMForImageGeneration(AiMPreTrainedModel):
                 prefix, labels, cache=cache, positions=self.model.decode_positions(0, start, device)
             )
             logits = self.lm_head(hidden[:, -1].to(self.lm_head.weight.dtype))
-            _, groups, final = self.model.condition(labels)
+            _, modulations, final = self.model.condition(labels)
             codes = [prefix[:batch]]
             for t in range(start, config.num_tokens):
                 step_logits = (
@@ -558,7 +565,7 @@ class AiMForImageGeneration(AiMPreTrainedModel):
                 if t + 1 < config.num_tokens:
                     token = token.repeat(2) if guided else token
                     position = self.model.decode_positions(t, 1, device).expand(token.shape[0])
-                    hidden = self.model.step(token, position, groups, final, cache)
+                    hidden = self.model.step(token, position, modulations, final, cache)
                     logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         finally:
             self.train(was_training)
