@@ -62,7 +62,7 @@ def test_cache_forms_and_sizes():
     model = AiMForImageGeneration(config)
     assert model.cache_form(512, torch.device("cpu")) == "recurrent"
     cuda = torch.device("cuda")  # the choice only; nothing is allocated
-    assert [model.cache_form(rows, cuda) for rows in (2, 127, 128, 512)] == ["recurrent"] * 2 + ["dual"] * 2
+    assert [model.cache_form(rows, cuda) for rows in (2, 63, 64, 512)] == ["recurrent"] * 2 + ["dual"] * 2
     model.config.use_triton_kernels = False
     assert model.cache_form(512, cuda) == "recurrent"
     model.config.decode_cache = "dual"

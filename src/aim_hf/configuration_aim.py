@@ -63,7 +63,7 @@ class AiMConfig(PretrainedConfig):
         decode_cache: the SSM's memory in generation: "recurrent" (the state, read and written
             every step), "dual" (the history of x, B and the decays, written once and read after:
             about half the bytes for 256 tokens, twice the memory) or "auto" (dual for the CUDA-graph
-            decoder from 128 rows, where it measured faster: ``AiMForImageGeneration.cache_form``).
+            decoder from 64 rows, where it measured faster: ``AiMForImageGeneration.cache_form``).
         default_guidance_scale: classifier-free guidance used when a call names none (the paper's
             evaluation setting for the presets).
     """

@@ -23,9 +23,12 @@ from .sampling import filter_logits, guide, sample_inverse_cdf
 @functools.cache
 def compiled_block_step() -> Callable:
     """``block_step`` compiled once; the layers share code and shapes, so they share the result.
-    Each batch size, width and dtype is its own specialised graph, hence the higher limit."""
+    Each batch size, width and dtype is its own specialised graph, hence the higher limit.
+    Without padding: Inductor pads the rows of in_proj's output for alignment, and then copies the
+    slices that go to the Triton kernels back to the strides they were traced with (two kernels a
+    layer, seen in the generated code)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(block_step, fullgraph=True, dynamic=False)
+    return torch.compile(block_step, fullgraph=True, dynamic=False, options={"comprehensive_padding": False})
 
 
 class CUDAGraphDecoder:

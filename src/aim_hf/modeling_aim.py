@@ -47,7 +47,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-DUAL_FROM_ROWS = 128  # see AiMForImageGeneration.cache_form
+DUAL_FROM_ROWS = 64  # see AiMForImageGeneration.cache_form
 
 
 class AiMCache:
@@ -499,8 +499,8 @@ class AiMForImageGeneration(AiMPreTrainedModel):
     def cache_form(self, rows: int, device: torch.device) -> str:
         """``config.decode_cache``; "auto" picks the dual form where it measured faster: in the
         CUDA-graph decoder with the Triton kernels, from ``DUAL_FROM_ROWS`` rows (H100,
-        BENCHMARKS.md: equal at 128 rows, 7-11% faster at 512; at 2 rows its kernel is 2-6x slower
-        than the recurrent one). The eager loop keeps the recurrent form and mamba-ssm's kernels."""
+        BENCHMARKS.md: 6-13% faster at 64 rows, 18-47% at 128-512; 8-26% slower at 32 and 30-40%
+        at 2). The eager loop keeps the recurrent form and mamba-ssm's kernels."""
         config = self.config
         if config.decode_cache != "auto":
             return config.decode_cache
