@@ -2,7 +2,7 @@
 # Everything this repository measures on a GPU machine, in as few calls as device time allows.
 # Results and logs go to $OUT. Stages (default: all, in this order):
 #   tests       the GPU tests (kernels, CUDA-graph decoder, memory split, Triton kernels)
-#   generation  scripts/benchmark.py: AiM-B and AiM-XL, batch 1-256, both cache forms, eager baseline
+#   generation  scripts/benchmark.py: AiM-B and AiM-XL, batch 1-256, both cache forms, eager baseline (~6 min)
 #   numerics    scripts/numerics.py: bf16 weights, bf16/fp32 state and the dual history vs float64
 #   kernels     scripts/benchmark_ssm_kernels.py: the SSM step kernels alone, both cache forms
 #   profile     scripts/profile_step.py for AiM-B batch 256 and AiM-XL batch 1
@@ -31,7 +31,7 @@ for stage in "${@:-tests generation kernels profile training}"; do
         timeout 240 "${pytest[@]}" -m gpu tests/test_gpu.py tests/test_triton_ssm.py >"$out/tests.log" 2>&1
         tail -3 "$out/tests.log" ;;
       generation)
-        timeout 330 python3 scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 64 256 \
+        timeout 480 python3 scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 32 64 256 \
           --baseline-batch-sizes 1 --repeats 2 --vq --json "$out/generation.json" >"$out/generation.log" 2>&1
         tail -20 "$out/generation.log" ;;
       numerics)
