@@ -110,8 +110,8 @@ class CUDAGraphDecoder:
         prefix_rows = prefix.repeat(2, 1) if self.guided else prefix
         hidden = model.model(prefix_rows, labels, cache=self.cache, positions=positions)
         logits = model.lm_head(hidden[:, -1].to(model.lm_head.weight.dtype))
-        _, modulations, final = model.model.condition(labels)
-        self.modulations.copy_(modulations)
+        _, groups, final = model.model.condition(labels)
+        self.modulations.copy_(model.model.layer_modulations(groups))
         self.final.copy_(final)
         self.uniforms[:, start:] = uniforms
         self.codes[:, :start] = prefix

@@ -143,14 +143,18 @@ class AiMBlock(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``hidden_states`` and ``gate`` are the previous block's mixer output and gate (for the
         first block: the embeddings and None); ``modulation`` (batch, 3, d) is this layer's adaLN
-        (``AiMModel.condition``); ``step`` decodes one token. Returns this block's mixer output, its gate and the
-        residual stream. The gate is applied by the next block, at the residual add, so that a
-        compiled decoding step fuses it with the norm instead of launching a kernel for it alone
-        after the output projection."""
+        group, to which the block adds its own table here, inside its forward, where FSDP has
+        gathered it; ``step`` decodes one token, with the table already added
+        (``AiMModel.layer_modulations``, once per generation). Returns this block's mixer output,
+        its gate and the residual stream. The gate is applied by the next block, at the residual
+        add, so that a compiled decoding step fuses it with the norm instead of launching a kernel
+        for it alone after the output projection."""
         if residual is None:  # the residual stream stays in float32
             residual = hidden_states.to(compute_dtype(self.norm.weight.dtype))
         else:
             residual = residual + gate * hidden_states
+        if hasattr(self, "adaln_table") and not step:
+            modulation = modulation + self.adaln_table
         shift, scale, gate = modulation.unbind(1)
         hidden_states = modulate(self.norm(residual), shift, scale)
         if step:
@@ -225,18 +229,22 @@ class AiMModel(AiMPreTrainedModel):
         self.post_init()
 
     def condition(self, class_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Class embedding (b, d), each layer's adaLN (shift, scale, gate) (L, b, 3, d) and the
-        final (shift, scale) (b, 2, d). A layer's adaLN is its group's (layer i is in group i % G)
-        plus its own table; both depend on the class only, so decoding computes them once."""
-        config = self.config
+        """Class embedding (b, d), adaLN groups (b, G, 3, d) and final (shift, scale) (b, 2, d)."""
         c = self.embed_classes(class_labels)
-        groups = self.adaln(F.silu(c)).unflatten(-1, (config.adaln_groups, 3, -1))
-        layer_groups = torch.arange(config.num_hidden_layers, device=c.device) % config.adaln_groups
+        groups = self.adaln(F.silu(c)).unflatten(-1, (self.config.adaln_groups, 3, -1))
+        final = self.final_adaln(F.silu(c)).unflatten(-1, (2, -1))
+        return c, groups, final
+
+    def layer_modulations(self, groups: torch.Tensor) -> torch.Tensor:
+        """Each layer's adaLN (shift, scale, gate) (L, b, 3, d): its group's (layer i is in group
+        i % G) plus its own table. Both depend on the class only, so decoding adds them once per
+        generation instead of once a layer in every step."""
+        config = self.config
+        layer_groups = torch.arange(config.num_hidden_layers, device=groups.device) % config.adaln_groups
         modulations = groups.index_select(1, layer_groups).transpose(0, 1)
         if config.has_layer_tables:
             modulations = modulations + torch.stack([layer.adaln_table for layer in self.layers])
-        final = self.final_adaln(F.silu(c)).unflatten(-1, (2, -1))
-        return c, modulations, final
+        return modulations
 
     def decode_positions(self, start: int, length: int, device: torch.device) -> torch.Tensor:
         """Position ids of codes start..start+length-1 in decoding: those of training, or shifted by
@@ -255,7 +263,7 @@ class AiMModel(AiMPreTrainedModel):
 
         With a ``cache`` (empty) the decoding state after the last position is written into it.
         ``positions`` are those of ``tokens`` (default ``0..m-1``, training's convention)."""
-        c, modulations, final = self.condition(class_labels)
+        c, groups, final = self.condition(class_labels)
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         embedded = self.embed_tokens(tokens) + self.embed_positions(positions)
@@ -263,7 +271,9 @@ class AiMModel(AiMPreTrainedModel):
         gate = residual = None
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layer(i) if cache is not None else None
-            hidden_states, gate, residual = layer(hidden_states, gate, residual, modulations[i], layer_cache)
+            hidden_states, gate, residual = layer(
+                hidden_states, gate, residual, groups[:, i % self.config.adaln_groups], layer_cache
+            )
         if cache is not None:
             cache.length.fill_(hidden_states.shape[1])
         return self.finish(gate * hidden_states, residual, final)
@@ -285,7 +295,8 @@ class AiMModel(AiMPreTrainedModel):
         run_block: Callable = block_step,
     ) -> torch.Tensor:
         """One decoding step: ``token`` (b,) at ``position`` -> hidden state (b, d); ``modulations``
-        and ``final`` from ``condition``. ``run_block`` runs one block's step (the CUDA-graph decoder passes a compiled one)."""
+        from ``layer_modulations``, ``final`` from ``condition``. ``run_block`` runs one block's
+        step (the CUDA-graph decoder passes a compiled one)."""
         hidden_states = self.embed_tokens(token) + self.embed_positions(position)
         gate = residual = None
         for i, layer in enumerate(self.layers):
@@ -554,7 +565,8 @@ class AiMForImageGeneration(AiMPreTrainedModel):
                 prefix, labels, cache=cache, positions=self.model.decode_positions(0, start, device)
             )
             logits = self.lm_head(hidden[:, -1].to(self.lm_head.weight.dtype))
-            _, modulations, final = self.model.condition(labels)
+            _, groups, final = self.model.condition(labels)
+            modulations = self.model.layer_modulations(groups)
             codes = [prefix[:batch]]
             for t in range(start, config.num_tokens):
                 step_logits = (
