@@ -155,8 +155,11 @@ def main(argv: list[str] | None = None) -> AiMTrainer:
 
     state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathers FSDP shards on every process
     if trainer.is_world_process_zero():
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        for tied in unwrapped._tied_weights_keys:  # gathered FSDP shards hold them as copies, which
+            state_dict.pop(tied, None)  # save_pretrained would keep; an unsharded save drops them
         with atomic_path(Path(args.output_dir) / "model") as tmp:
-            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state_dict)
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
     return trainer
 
