@@ -4,8 +4,7 @@ optionally with the modes to draw from it after a colon (default: every graph mo
 matplotlib.
 
     python scripts/plot_benchmark.py docs/benchmark.png \
-        benchmarks/2026-11-26-h100-generation-v2.json:graph-recurrent \
-        benchmarks/2026-11-26-h100-generation-cache-forms.json:graph-dual
+        benchmarks/2026-11-26-h100-generation-v4.json:graph-recurrent,graph-dual
 """
 
 from __future__ import annotations
