@@ -510,8 +510,8 @@ class AiMForImageGeneration(AiMPreTrainedModel):
     def cache_form(self, rows: int, device: torch.device) -> str:
         """``config.decode_cache``; "auto" picks the dual form where it measured faster: in the
         CUDA-graph decoder with the Triton kernels, from ``DUAL_FROM_ROWS`` rows (H100,
-        BENCHMARKS.md: 6-13% faster at 64 rows, 18-47% at 128-512; 8-26% slower at 32 and 30-40%
-        at 2). The eager loop keeps the recurrent form and mamba-ssm's kernels."""
+        BENCHMARKS.md: at 64 rows 13-16% faster for AiM-XL and within -2%..+6% for AiM-B, 15-48%
+        faster at 128-512 rows; 5-17% slower at 32 rows and 31-36% at 2). The eager loop keeps the recurrent form and mamba-ssm's kernels."""
         config = self.config
         if config.decode_cache != "auto":
             return config.decode_cache
