@@ -27,7 +27,7 @@ from aim_hf.data import (
     num_classes_of,
     require_column,
 )
-from aim_hf.files import atomic_path, remove_temporaries
+from aim_hf.files import remove_temporaries
 from aim_hf.training import AiMTrainer, last_complete_checkpoint, load_aim, resize_class_embedding
 
 AIM_DEFAULTS = {
@@ -153,14 +153,7 @@ def main(argv: list[str] | None = None) -> AiMTrainer:
         resume = last_complete_checkpoint(args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
 
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # gathers FSDP shards on every process
-    if trainer.is_world_process_zero():
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        for tied in unwrapped._tied_weights_keys:  # gathered FSDP shards hold them as copies, which
-            state_dict.pop(tied, None)  # save_pretrained would keep; an unsharded save drops them
-        with atomic_path(Path(args.output_dir) / "model") as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict)
-    trainer.accelerator.wait_for_everyone()
+    trainer.save_final_model(Path(args.output_dir) / "model")
     return trainer
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import randomize, tiny_config
 from safetensors.torch import load_file
 from test_data import IMAGE_SIZE, load_script, make_images, make_vq, one_thread, prepare_args  # noqa: F401
 
@@ -245,3 +245,22 @@ def test_sample_fid_rejects_bad_arguments_before_sampling(workdir, tmp_path):
     with pytest.raises(ValueError, match="top_p must be in"):
         sample_script.main(sample_args(workdir, "--top-p", "1.5", "--output", str(tmp_path / "s")))
     assert not (tmp_path / "s").exists()
+
+
+def test_final_save_keeps_tied_weights_once(tmp_path, monkeypatch):
+    """FSDP's gathered state dict holds the tied output weight as a copy of the code embedding;
+    the final save drops it as an unsharded save does, and the saved model loads tied."""
+    _, args = train_script.parse_args(
+        ["--dataset", str(tmp_path), "--output_dir", str(tmp_path), "--use_cpu"]
+    )
+    model = randomize(AiMForImageGeneration(tiny_config()))
+    trainer = AiMTrainer(model=model, args=args)
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}  # separate tensors, as gathered
+    assert "lm_head.weight" in gathered
+    monkeypatch.setattr(trainer.accelerator, "get_state_dict", lambda _: dict(gathered))
+    trainer.save_final_model(tmp_path / "model")
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    assert "lm_head.weight" not in saved and "model.embed_tokens.weight" in saved
+    loaded = AiMForImageGeneration.from_pretrained(tmp_path / "model")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()

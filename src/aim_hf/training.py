@@ -15,6 +15,7 @@ from torch import nn
 from transformers import Trainer
 
 from .conversion import load_original
+from .files import atomic_path
 from .modeling_aim import AiMForImageGeneration
 
 __all__ = [
@@ -47,6 +48,21 @@ class AiMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.matrix_names = {name for name, p in self.model.named_parameters() if p.dim() >= 2}
         self._log_window: tuple[float, int] | None = None
+
+    def save_final_model(self, directory: str | os.PathLike) -> None:
+        """``save_pretrained`` of the trained model into ``directory`` (written under a temporary
+        name, then renamed), from every process: FSDP's shards are gathered on all of them, and
+        process zero writes. A gathered state dict holds tied weights (``lm_head.weight``) as
+        copies, which ``save_pretrained`` would keep; an unsharded save has them once, so they
+        are dropped here."""
+        state_dict = self.accelerator.get_state_dict(self.model)
+        if self.is_world_process_zero():
+            model = self.accelerator.unwrap_model(self.model)
+            for tied in model._tied_weights_keys:
+                state_dict.pop(tied, None)
+            with atomic_path(directory) as tmp:
+                model.save_pretrained(tmp, state_dict=state_dict)
+        self.accelerator.wait_for_everyone()
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return [
