@@ -484,9 +484,11 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         is free."""
         config = self.config
         rows = 2 if guided else 1
-        work = (
-            config.vocab_size * 32 + config.num_tokens * config.intermediate_size * 4 * 8
-        )  # logits, prefix pass
+        work = (  # logits, prefix pass, each layer's adaLN (AiMModel.layer_modulations)
+            config.vocab_size * 32
+            + config.num_tokens * config.intermediate_size * 4 * 8
+            + config.num_hidden_layers * 3 * config.hidden_size * 4
+        )
         free, _ = torch.cuda.mem_get_info(self.device)
         decoder = getattr(self, "_graph_decoder", None)
         if decoder is not None:  # its cache is freed or reused by the next call
