@@ -242,7 +242,7 @@ def test_compiled_block_step_equals_the_eager_step(form):
     import shutil
 
     from aim_hf.fast_decode import compiled_block_step
-    from aim_hf.modeling_aim import AiMCache
+    from aim_hf.modeling_aim import AiMCache, block_step
 
     if shutil.which("g++") is None:
         pytest.skip("Inductor's CPU backend needs a C++ compiler")
@@ -257,10 +257,9 @@ def test_compiled_block_step_equals_the_eager_step(form):
         modulations = model.model.layer_modulations(groups)
         token, position = torch.tensor([1, 2]), torch.tensor([5, 5])
         outputs = []
-        for cache, run_block in zip(caches, [None, compiled_block_step()], strict=True):
+        for cache, run_block in zip(caches, [block_step, compiled_block_step()], strict=True):
             model.model(codes, labels, cache=cache)
-            kwargs = {} if run_block is None else {"run_block": run_block}
-            outputs.append(model.model.step(token, position, modulations, final, cache, **kwargs))
+            outputs.append(model.model.step(token, position, modulations, final, cache, run_block))
     eager, compiled = outputs
     assert ((compiled - eager).norm() / eager.norm()).item() < 1e-5
     for name, tensor in caches[0].tensors.items():

@@ -513,7 +513,8 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         """``config.decode_cache``; "auto" picks the dual form where it measured faster: in the
         CUDA-graph decoder with the Triton kernels, from ``DUAL_FROM_ROWS`` rows (H100,
         BENCHMARKS.md: at 64 rows 13-16% faster for AiM-XL and within -2%..+6% for AiM-B, 15-48%
-        faster at 128-512 rows; 5-17% slower at 32 rows and 31-36% at 2). The eager loop keeps the recurrent form and mamba-ssm's kernels."""
+        faster at 128-512 rows; 5-17% slower at 32 rows and 31-36% at 2). The eager loop keeps
+        the recurrent form and mamba-ssm's kernels."""
         config = self.config
         if config.decode_cache != "auto":
             return config.decode_cache
@@ -549,8 +550,9 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         choose: Callable[[int, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """The cached decoding loop behind ``generate``: one pass over the class token and the prefix
-        fills the decoding cache (``cache_form``), then one step per code. ``choose(t, logits)`` picks code ``t``
-        (b,) from the guided logits (b, vocab_size); returns the codes (b, num_tokens)."""
+        fills the decoding cache (``cache_form``), then one step per code. ``choose(t, logits)``
+        picks code ``t`` (b,) from the guided logits (b, vocab_size); returns the codes
+        (b, num_tokens)."""
         config = self.config
         batch, start = prefix.shape
         guided = guidance_scale != 1.0
