@@ -20,7 +20,7 @@ from datetime import date
 
 import torch
 
-from aim_hf import AiMConfig, AiMForImageGeneration
+from aim_hf import AiMConfig, AiMForImageGeneration, triton_gemv
 from aim_hf.files import atomic_path
 from aim_hf.modeling_aim import AiMCache
 
@@ -113,6 +113,10 @@ def main() -> None:
         "--caches", nargs="+", choices=["recurrent", "dual"], default=["recurrent", "dual"],
         help="cache forms of the graph decoder to time (config.decode_cache)",
     )  # fmt: skip
+    parser.add_argument(
+        "--projection-kernels", nargs="+", choices=["on", "off"], default=["on"],
+        help="config.use_projection_kernels (triton_gemv for up to triton_gemv.MAX_ROWS rows; off: cuBLAS)",
+    )  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument(
         "--state-dtype", default=None, choices=["float32", "bfloat16"], help="default: the weights'"
@@ -141,10 +145,16 @@ def main() -> None:
         model = random_model(AiMConfig.from_preset(preset, state_dtype=args.state_dtype), dtype)
         for batch in args.batch_sizes:
             modes = [f"graph-{form}" for form in args.caches]
+            sequences = batch * (2 if args.guidance_scale != 1 else 1)
+            if "off" in args.projection_kernels and sequences <= triton_gemv.MAX_ROWS:
+                modes += [f"graph-{form}-cublas" for form in args.caches]
+            if "on" not in args.projection_kernels:
+                modes = [mode for mode in modes if mode.endswith("-cublas")]
             modes += ["eager"] if batch in args.baseline_batch_sizes else []
             for mode in modes:
                 model.config.use_cuda_graphs = mode != "eager"
-                model.config.decode_cache = "recurrent" if mode == "eager" else mode.removeprefix("graph-")
+                model.config.decode_cache = "recurrent" if mode == "eager" else mode.split("-")[1]
+                model.config.use_projection_kernels = not mode.endswith("-cublas")
                 call = (model.generate, list(range(batch)))
                 kwargs = {"guidance_scale": args.guidance_scale}
                 model._graph_decoder = None

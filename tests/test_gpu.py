@@ -61,16 +61,17 @@ def test_kernels_match_pure_path(aim_b, reference, dtype):
     assert rel_err(kernels, pure) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("form", ["recurrent", "dual"])
+@pytest.mark.parametrize(("batch", "form"), [(4, "recurrent"), (4, "dual"), (2, "recurrent")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, form):
-    """The graph decoder (compiled step, Triton kernels, either cache form) against the eager
-    loop with the recurrent cache (mamba-ssm's step kernels where installed)."""
+def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, batch, form):
+    """The graph decoder (compiled step, Triton kernels, either cache form; at batch 2 the fused
+    step of ``FusedStep``) against the eager loop with the recurrent cache (mamba-ssm's step
+    kernels where installed)."""
     model = aim_b.to(dtype)
     g = torch.Generator().manual_seed(1)
-    batch, scale = 4, 2.0
+    scale = 2.0
     codes = torch.randint(0, 16384, (batch, 256), generator=g).cuda()
-    labels = torch.tensor([1, 207, 980, 3]).cuda()
+    labels = torch.tensor([1, 207, 980, 3][:batch]).cuda()
     uniforms = torch.rand(batch, 256, dtype=torch.float64, generator=g).cuda()
     eager = []
 
@@ -84,6 +85,7 @@ def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, form):
     decoder = model.graph_decoder(batch, scale, 1.0, 0, 1.0)
     model.config.decode_cache = "auto"
     assert decoder.cache.form == form
+    assert (decoder.fused is not None) == (batch == 2)
     free = decoder.run(labels, codes[:, :1], uniforms[:, 1:])  # compiles and captures
     assert torch.equal(free[:, :1], codes[:, :1])
     decoder.prefill(labels, codes[:, :1], uniforms[:, 1:])
@@ -98,9 +100,10 @@ def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, form):
     assert rel_err(torch.stack(graph_logits, 1), torch.stack(eager[2:], 1)) < TOLERANCE[dtype]
     # a code differs only where a uniform falls within rounding of a CDF boundary. Random weights
     # give near-uniform distributions (about 6e-5 of mass per code), so bf16's ~1e-2 logit noise
-    # moves many draws by a code or two: only float32 is expected to agree almost always.
+    # moves many draws by a code or two: only float32 is expected to agree almost always (all but
+    # a few in a thousand: the fused step of batch 2 sums in another order, and moved 1 of 508).
     if dtype == torch.float32:
-        assert agree / (batch * 254) > 0.999
+        assert agree / (batch * 254) > 0.995
 
 
 def test_graph_decoder_is_reused_and_reproducible(aim_b):

@@ -62,6 +62,12 @@ for b, h, p, n, groups, dtype in cases:
     y = ssm_update(state, strided(x), strided(dt), bias, A_log, strided(B), strided(C))
     assert y.dtype == torch.float32 and rel(y, y_ref) < 1e-5, rel(y, y_ref)
     assert rel(state, ref_state) < tol, rel(state, ref_state)
+    # with the D skip and the gate folded in (the same update from the same state)
+    D, z = new(h), new(b, h, p).to(dtype)
+    gated = ssm_update(ref_state.clone(), x, dt, bias, A_log, B, C, D=D, z=strided(z))
+    silu_z = torch.nn.functional.silu(z.float())
+    gated_ref = (ssm_step(ref_state.clone(), x, dt, bias, A_log, B, C) + x.float() * D[:, None]) * silu_z
+    assert rel(gated, gated_ref) < 1e-5, rel(gated, gated_ref)
 
     # the dual form at the first position, inside and across loop blocks and at the last one
     capacity = 40
@@ -104,7 +110,15 @@ from conftest import randomize, tiny_config
 from aim_hf import AiMForImageGeneration
 from aim_hf.mamba2 import Mamba2Mixer
 
+from aim_hf import triton_gemv
+
 Mamba2Mixer.use_triton = lambda self, *tensors: True  # the kernels on CPU tensors, in the interpreter
+products, linear = [0], triton_gemv.linear
+def counted(*args):
+    products[0] += 1
+    return linear(*args)
+triton_gemv.linear = counted  # the projections of a few rows are Triton kernels too
+triton_gemv.default_blocks = lambda *shape: (32, 64)  # few programs: the interpreter runs them one by one
 for groups, state, form in [(1, 8, "recurrent"), (2, 10, "dual"), (1, 8, "dual")]:
     torch.manual_seed(0)
     model = randomize(AiMForImageGeneration(tiny_config(decode_cache=form, n_groups=groups, state_size=state))).eval()
@@ -115,6 +129,8 @@ for groups, state, form in [(1, 8, "recurrent"), (2, 10, "dual"), (1, 8, "dual")
         out = model.decode(labels, codes[:, :start], 1.0, lambda t, logits: steps.append(logits) or codes[:, t])
         err = ((torch.stack(steps, 1) - forward[:, start:]).norm() / forward.norm()).item()
         assert torch.equal(out, codes) and err < 1e-5, (groups, state, form, start, err)
+    assert products[0] > 0
+    products[0] = 0
 print("ok")
 """
 

@@ -53,6 +53,8 @@ class AiMConfig(PretrainedConfig):
         use_mamba_kernels: use mamba-ssm / causal-conv1d kernels when installed and on CUDA.
         use_triton_kernels: on CUDA, decode with this package's Triton step kernels (triton_ssm:
             conv, recurrent and dual SSM updates); without them "auto" keeps the recurrent cache.
+        use_projection_kernels: on CUDA, decoding steps of up to 4 rows (batch 1-2 with guidance)
+            run in_proj and out_proj as ``triton_gemv`` matrix-vector products instead of cuBLAS.
         use_cuda_graphs: on CUDA, generate with compiled blocks and one CUDA graph per step.
         state_dtype: storage dtype of the recurrent SSM state in generation (the recurrent cache
             only: the dual history is kept in the weights' dtype); None keeps it in the
@@ -91,6 +93,7 @@ class AiMConfig(PretrainedConfig):
         original_decode_positions: bool = False,
         use_mamba_kernels: bool = True,
         use_triton_kernels: bool = True,
+        use_projection_kernels: bool = True,
         use_cuda_graphs: bool = True,
         state_dtype: str | None = None,
         decode_cache: str = "auto",
@@ -118,6 +121,7 @@ class AiMConfig(PretrainedConfig):
         self.original_decode_positions = original_decode_positions
         self.use_mamba_kernels = use_mamba_kernels
         self.use_triton_kernels = use_triton_kernels
+        self.use_projection_kernels = use_projection_kernels
         self.use_cuda_graphs = use_cuda_graphs
         self.state_dtype = state_dtype
         self.decode_cache = decode_cache

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import triton_gemv, triton_ssm
 from .modeling_aim import AiMCache, AiMForImageGeneration, block_step
 from .sampling import filter_logits, guide, sample_inverse_cdf
 
@@ -29,6 +30,75 @@ def compiled_block_step() -> Callable:
     layer, seen in the generated code)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(block_step, fullgraph=True, dynamic=False, options={"comprehensive_padding": False})
+
+
+class FusedStep:
+    """A decoding step of a few rows in four kernels a layer, for the recurrent cache with one SSM
+    group: in_proj with the residual stream's RMSNorm and adaLN folded in (``norm_linear``), the
+    conv step, the state update returning the gated norm's input, and out_proj with that norm and
+    the residual add folded in (``norm_linear_residual``). The adaLN's shift and scale enter as
+    ``u = norm weight * (1 + scale)`` and ``c = in_proj(shift)``, computed once per generation by
+    ``prepare``. Same values as ``AiMModel.step`` up to float32 rounding (the norms' inputs are
+    not rounded to bf16 here). On Hopper the four are launched early (programmatic dependent
+    launch): each reads its weights, and what kernels before the last one wrote, while the last
+    one ends (``triton_ssm.pdl_launch``)."""
+
+    def __init__(self, model: AiMForImageGeneration, rows: int):
+        config, device = model.config, model.device
+        self.model = model
+        n_in = model.model.layers[0].mixer.in_proj.weight.shape[0]
+        layers, d = config.num_hidden_layers, config.hidden_size
+        self.scales = torch.zeros(layers, rows, d, device=device)
+        self.shifts = torch.zeros(layers, rows, n_in, device=device)
+        self.gates = torch.zeros(layers, rows, d, device=device)
+        self.pdl = triton_ssm.pdl_supported(device)
+
+    @staticmethod
+    def supported(model: AiMForImageGeneration, rows: int, form: str) -> bool:
+        mixer = model.model.layers[0].mixer
+        return (
+            model.config.use_projection_kernels
+            and form == "recurrent"
+            and model.config.n_groups == 1
+            and mixer.in_proj.bias is None
+            and mixer.out_proj.bias is None
+            and triton_gemv.TRITON_AVAILABLE
+            and rows <= triton_gemv.MAX_ROWS
+            and triton_ssm.supported(mixer.in_proj.weight)
+        )
+
+    def prepare(self, modulations: torch.Tensor) -> None:
+        """The adaLN of a generation: ``modulations`` (L, rows, 3, d) from ``layer_modulations``."""
+        for i, layer in enumerate(self.model.model.layers):
+            shift, scale, gate = modulations[i].float().unbind(1)
+            self.scales[i] = layer.norm.weight.float() * (1 + scale)
+            self.shifts[i] = shift @ layer.mixer.in_proj.weight.float().T
+            self.gates[i] = gate
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, final: torch.Tensor, cache: AiMCache):
+        """``AiMModel.step`` for the prepared generation: hidden state (rows, d)."""
+        model, pdl = self.model.model, self.pdl
+        stream = (model.embed_tokens(token) + model.embed_positions(position)).float()
+        for i, layer in enumerate(model.layers):
+            mixer, layer_cache = layer.mixer, cache.layer(i)
+            zxbcdt = triton_gemv.norm_linear(
+                stream, self.scales[i], self.shifts[i], mixer.in_proj.weight, layer.norm.eps, pdl=pdl
+            )
+            z, xbc, dt = mixer._split(zxbcdt)
+            xbc = triton_ssm.conv_update(
+                xbc, layer_cache.conv, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, pdl=pdl
+            )
+            x, B, C = mixer._split_xbc(xbc)
+            gated = triton_ssm.ssm_update(
+                layer_cache.state, x, dt, mixer.dt_bias, mixer.A_log, B, C, D=mixer.D, z=z.unflatten(-1, x.shape[1:]),
+                pdl=pdl,
+            )  # fmt: skip
+            stream = triton_gemv.norm_linear_residual(
+                gated.flatten(-2), mixer.norm.weight, mixer.out_proj.weight, stream, self.gates[i], mixer.norm.eps,
+                pdl=pdl,
+            )  # fmt: skip
+        cache.length.add_(1)
+        return model.finish(stream, final)
 
 
 class CUDAGraphDecoder:
@@ -62,6 +132,7 @@ class CUDAGraphDecoder:
         self.modulations = torch.zeros(config.num_hidden_layers, rows, 3, d, dtype=dtype, device=device)
         self.final = torch.zeros(rows, 2, d, dtype=dtype, device=device)
         self.logits = torch.zeros(batch, config.vocab_size, dtype=torch.float32, device=device)  # last step's
+        self.fused = FusedStep(model, rows) if FusedStep.supported(model, rows, form) else None
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def sample(self, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -78,9 +149,12 @@ class CUDAGraphDecoder:
         token = self.codes.index_select(1, t.view(1)).squeeze(1)
         token = token.repeat(2) if self.guided else token
         position = (t + self.offset).expand(token.shape[0])
-        hidden = model.model.step(
-            token, position, self.modulations, self.final, self.cache, compiled_block_step()
-        )
+        if self.fused is not None:
+            hidden = self.fused(token, position, self.final, self.cache)
+        else:
+            hidden = model.model.step(
+                token, position, self.modulations, self.final, self.cache, compiled_block_step()
+            )
         logits = model.lm_head(hidden.to(model.lm_head.weight.dtype))
         nxt = (t + 1).view(1)
         code = self.sample(logits, self.uniforms.index_select(1, nxt).squeeze(1))
@@ -112,6 +186,8 @@ class CUDAGraphDecoder:
         logits = model.lm_head(hidden[:, -1].to(model.lm_head.weight.dtype))
         _, groups, final = model.model.condition(labels)
         self.modulations.copy_(model.model.layer_modulations(groups))
+        if self.fused is not None:
+            self.fused.prepare(self.modulations)
         self.final.copy_(final)
         self.uniforms[:, start:] = uniforms
         self.codes[:, :start] = prefix

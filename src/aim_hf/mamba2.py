@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import triton_ssm
+from . import triton_gemv, triton_ssm
 from .configuration_aim import AiMConfig
 
 try:  # optional GPU kernels
@@ -252,6 +252,18 @@ class Mamba2Mixer(nn.Module):
             and all(triton_ssm.supported(t) for t in tensors if t is not None)
         )
 
+    def project(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` in a decoding step: ``triton_gemv`` for a few rows on CUDA
+        (``config.use_projection_kernels``), cuBLAS otherwise."""
+        if (
+            self.config.use_projection_kernels
+            and layer.bias is None
+            and self.use_triton(x)
+            and triton_gemv.supported(x, layer.weight)
+        ):
+            return triton_gemv.linear(x, layer.weight)
+        return layer(x)
+
     def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
 
@@ -308,7 +320,7 @@ class Mamba2Mixer(nn.Module):
 
     def step(self, hidden_states: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """One decoding step (b, d) -> (b, d), updating the cache in place."""
-        z, xbc, dt = self._split(self.in_proj(hidden_states))
+        z, xbc, dt = self._split(self.project(self.in_proj, hidden_states))
         weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
         if self.use_kernels(hidden_states) and cache.state is not None:
             A = -torch.exp(self.A_log.to(compute_dtype(self.A_log.dtype)))
@@ -331,4 +343,4 @@ class Mamba2Mixer(nn.Module):
                 y = update(cache, x, dt, self.dt_bias, self.A_log, B, C)
             y = y + x.to(y.dtype) * self.D.to(y.dtype)[:, None]
         y = self.norm(y.flatten(-2), z)
-        return self.out_proj(y.to(self.out_proj.weight.dtype))
+        return self.project(self.out_proj, y.to(self.out_proj.weight.dtype))

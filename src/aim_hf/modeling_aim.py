@@ -276,12 +276,11 @@ class AiMModel(AiMPreTrainedModel):
             )
         if cache is not None:
             cache.length.fill_(hidden_states.shape[1])
-        return self.finish(gate * hidden_states, residual, final)
+        return self.finish(residual + gate * hidden_states, final)
 
-    def finish(
-        self, hidden_states: torch.Tensor, residual: torch.Tensor, final: torch.Tensor
-    ) -> torch.Tensor:
-        h = self.norm_f(residual + hidden_states)
+    def finish(self, stream: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        """The final norms and adaLN of the residual stream after the last block."""
+        h = self.norm_f(stream)
         shift, scale = final.unbind(1)
         return modulate(self.final_norm(h), shift, scale)
 
@@ -304,7 +303,7 @@ class AiMModel(AiMPreTrainedModel):
                 layer, hidden_states, gate, residual, modulations[i], cache.layer(i)
             )
         cache.length.add_(1)
-        return self.finish(gate * hidden_states, residual, final)
+        return self.finish(residual + gate * hidden_states, final)
 
 
 class AiMForImageGeneration(AiMPreTrainedModel):

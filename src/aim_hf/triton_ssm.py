@@ -43,19 +43,23 @@ if TRITON_AVAILABLE:
     def _conv_update_kernel(
         xbc_ptr, conv_ptr, w_ptr, bias_ptr, out_ptr, channels,
         x_b, x_c, s_b, s_c, s_k, w_c, w_k, o_b, o_c,
-        K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+        K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a layer's cache can pass 2^31 elements
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         k = tl.arange(0, BLOCK_K)
         valid = (c < channels)[:, None] & (k < K)[None, :]
         window = c[:, None] * s_c + k[None, :] * s_k + row * s_b
+        # the window (the previous step's) and the taps before the wait (PDL): see pdl_launch
         older = tl.load(conv_ptr + window + s_k, mask=valid & (k < K - 1)[None, :], other=0.0)
+        w = tl.load(w_ptr + c[:, None] * w_c + k[None, :] * w_k, mask=valid, other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         new = tl.load(xbc_ptr + row * x_b + c * x_c, mask=c < channels, other=0.0)
         window_values = tl.where((k == K - 1)[None, :], new[:, None], older)
         tl.debug_barrier()  # every read of the old window before any write of the new one
         tl.store(conv_ptr + window, window_values, mask=valid)
-        w = tl.load(w_ptr + c[:, None] * w_c + k[None, :] * w_k, mask=valid, other=0.0)
         acc = tl.sum(window_values.to(tl.float32) * w.to(tl.float32), axis=1)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
@@ -64,10 +68,11 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _ssm_update_kernel(
-        state_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_log_ptr, b_ptr, c_ptr, y_ptr,
+        state_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_log_ptr, b_ptr, c_ptr, y_ptr, d_ptr, z_ptr,
         heads, heads_per_group, P, N,
         s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n, y_b, y_h, y_p,
-        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+        z_b, z_h, z_p,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0).to(tl.int64)
         batch, head = pid // heads, pid % heads
@@ -75,18 +80,26 @@ if TRITON_AVAILABLE:
         p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         n = tl.arange(0, BLOCK_N)
         rows, cols = p < P, n < N
-        dt = tl.load(dt_ptr + batch * dt_b + head * dt_h).to(tl.float32)
-        dt = _softplus(dt + tl.load(dt_bias_ptr + head).to(tl.float32))
-        decay = tl.exp(-dt * tl.exp(tl.load(a_log_ptr + head).to(tl.float32)))
-        x = tl.load(x_ptr + batch * x_b + head * x_h + p * x_p, mask=rows, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + batch * b_b + group * b_g + n * b_n, mask=cols, other=0.0).to(tl.float32)
-        c = tl.load(c_ptr + batch * c_b + group * c_g + n * c_n, mask=cols, other=0.0).to(tl.float32)
+        # the state and the weights before the wait (PDL): written two or more kernels earlier
         offsets = batch * s_b + head * s_h + p[:, None] * s_p + n[None, :] * s_n
         tile = rows[:, None] & cols[None, :]
         state = tl.load(state_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+        dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
+        A = tl.exp(tl.load(a_log_ptr + head).to(tl.float32))
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        dt = _softplus(tl.load(dt_ptr + batch * dt_b + head * dt_h).to(tl.float32) + dt_bias)
+        decay = tl.exp(-dt * A)
+        x = tl.load(x_ptr + batch * x_b + head * x_h + p * x_p, mask=rows, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + batch * b_b + group * b_g + n * b_n, mask=cols, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + batch * c_b + group * c_g + n * c_n, mask=cols, other=0.0).to(tl.float32)
         state = state * decay + (dt * x)[:, None] * b[None, :]
         tl.store(state_ptr + offsets, state.to(state_ptr.dtype.element_ty), mask=tile)
         y = tl.sum(state * c[None, :], axis=1)
+        if GATED:  # the D skip and the gate of the norm that follows: (y + D x) * silu(z)
+            z = tl.load(z_ptr + batch * z_b + head * z_h + p * z_p, mask=rows, other=0.0).to(tl.float32)
+            y = (y + tl.load(d_ptr + head).to(tl.float32) * x) * (z / (1.0 + tl.exp(-z)))
         tl.store(y_ptr + batch * y_b + head * y_h + p * y_p, y, mask=rows)
 
     @triton.jit
@@ -155,15 +168,29 @@ if TRITON_AVAILABLE:
         tl.store(y_ptr + row * y_b + h[:, None] * y_h + p[None, :] * y_p, y, mask=pm[None, :])
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper and later (compute capability 9)."""
+    return TRITON_AVAILABLE and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_launch(pdl: bool) -> dict:
+    """The launch option of a kernel that may start before the previous one ends (programmatic
+    dependent launch). Each such kernel here lets the next one start only after its own
+    ``gdc_wait``, so it starts once the kernel two back has ended: before its wait it may read
+    what that one or earlier ones wrote (weights, caches of the previous step, the residual
+    stream before the last kernel), and it writes nothing."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 def supported(tensor: torch.Tensor) -> bool:
     """Triton present and half or single precision (float64 stays on the pure path)."""
     return TRITON_AVAILABLE and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def conv_update(
-    xbc: torch.Tensor, conv: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    xbc: torch.Tensor, conv: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pdl: bool = False
 ) -> torch.Tensor:
-    """Same contract as ``mamba2.conv_step``."""
+    """Same contract as ``mamba2.conv_step``; ``pdl``: launched early (``pdl_launch``)."""
     rows, channels = xbc.shape
     k = conv.shape[-1]
     out = torch.empty_like(xbc)
@@ -171,7 +198,8 @@ def conv_update(
     _conv_update_kernel[(rows, triton.cdiv(channels, block_c))](
         xbc, conv, weight, bias if bias is not None else weight, out, channels,
         *xbc.stride(), *conv.stride(), *weight.stride(), *out.stride(),
-        K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK_C=block_c, HAS_BIAS=bias is not None,
+        K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK_C=block_c, HAS_BIAS=bias is not None, PDL=pdl,
+        **pdl_launch(pdl),
     )  # fmt: skip
     return out
 
@@ -184,16 +212,23 @@ def ssm_update(
     A_log: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """Same contract as ``mamba2.ssm_step``."""
+    """Same contract as ``mamba2.ssm_step``; with ``D`` (h,) and ``z`` (b, h, p) it returns
+    ``(y + D x) * silu(z)`` instead, the input of the gated RMSNorm. ``pdl``: launched early
+    (``pdl_launch``)."""
     b, h, p, n = state.shape
     y = torch.empty(b, h, p, dtype=torch.float32, device=state.device)
     block_p = min(16, triton.next_power_of_2(p))
+    gated = z is not None
     _ssm_update_kernel[(b * h, triton.cdiv(p, block_p))](
-        state, x, dt, dt_bias, A_log, B, C, y,
+        state, x, dt, dt_bias, A_log, B, C, y, D if gated else A_log, z if gated else x,
         h, h // B.shape[1], p, n,
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
-        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n),
+        *(z if gated else x).stride(),
+        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), GATED=gated, PDL=pdl, **pdl_launch(pdl),
     )  # fmt: skip
     return y
 

@@ -1,0 +1,162 @@
+"""A decoding step's projections for a few rows: a matrix-vector product per row, optionally
+with the RMSNorm before it and the residual add after it folded in.
+
+At batch 1 (2 rows with guidance) a step reads each layer's weights once; cuBLAS runs AiM-XL's
+out_proj as a split-K product and a reduction, two launches at about 0.3 of the memory bandwidth
+(BENCHMARKS.md). Here one launch: a program owns one row and a block of a few outputs, streams
+that block of the weights once along the inputs and sums the products at the end, so there are
+enough programs to keep every SM streaming. The programs of one output block are neighbours in
+launch order, so the second row reads the block from L2. For up to ``MAX_ROWS`` rows; more rows
+share each weight read better in cuBLAS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_ssm import pdl_launch
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_AVAILABLE = True
+except ImportError:
+    TRITON_AVAILABLE = False
+
+MAX_ROWS = 4  # batch 1 or 2 with guidance
+
+
+def default_blocks(rows: int, outputs: int, inputs: int) -> tuple[int, int]:
+    """(outputs, inputs) per program: about four programs per SM of an H100 (132), and 4096
+    products in registers (32 a thread with 4 warps)."""
+    block_n = max(2, min(32, 1 << (max(1, rows * outputs // 528).bit_length() - 1)))
+    return block_n, max(64, min(4096 // block_n, 1 << (inputs - 1).bit_length()))
+
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, u_ptr, w_ptr, c_ptr, res_ptr, gate_ptr, out_ptr, N, K, eps,
+        x_m, x_k, u_m, u_k, w_n, w_k, c_m, c_n, r_m, r_n, g_m, g_n, o_m, o_n,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.arange(0, BLOCK_K)
+        w_block = w_ptr + n[:, None] * w_n + k[None, :] * w_k
+        w = tl.load(w_block, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
+        # Before the wait (PDL): the first block of weights and the epilogue's operands, written two
+        # or more kernels earlier (see triton_ssm.pdl_launch).
+        if BIAS:
+            bias = tl.load(c_ptr + row * c_m + n * c_n, mask=n < N, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            gate = tl.load(gate_ptr + row * g_m + n * g_n, mask=n < N, other=0.0).to(tl.float32)
+            residual = tl.load(res_ptr + row * r_m + n * r_n, mask=n < N, other=0.0).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once, after the loop
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            following = (n < N)[:, None] & (k + BLOCK_K < K)[None, :]
+            w_next = tl.load(w_block + (start + BLOCK_K) * w_k, mask=following, other=0.0)  # one block ahead
+            x = tl.load(x_ptr + row * x_m + k * x_k, mask=k < K, other=0.0).to(tl.float32)
+            if NORM:  # the row's statistic from the same reads as the products
+                squares += x * x
+            if SCALE:
+                x *= tl.load(u_ptr + row * u_m + k * u_k, mask=k < K, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+            w = w_next
+        out = tl.sum(acc, axis=1)
+        if NORM:  # the norm's 1/rms is a per-row factor: applied to the products, not the inputs
+            out = out / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        if BIAS:
+            out += bias
+        if RESIDUAL:
+            out = residual + gate * out
+        tl.store(out_ptr + row * o_m + n * o_n, out.to(out_ptr.dtype.element_ty), mask=n < N)
+
+
+def supported(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Triton present, at most ``MAX_ROWS`` rows, half or single precision weights."""
+    return (
+        TRITON_AVAILABLE
+        and rows.dim() == 2
+        and rows.shape[0] <= MAX_ROWS
+        and weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    eps: float | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int = 4,
+    pdl: bool = False,
+) -> torch.Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    default_n, default_k = default_blocks(m, n, k)
+    block_n, block_k = block_n or default_n, block_k or default_k
+    scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
+    unread = x  # placeholder for the pointers a launch does not read
+    _gemv_kernel[(m, triton.cdiv(n, block_n))](
+        x, unread if scale is None else scale, weight, unread if bias is None else bias,
+        unread if residual is None else residual, unread if gate is None else gate, out,
+        n, k, 0.0 if eps is None else eps,
+        *x.stride(), *(x.stride() if scale is None else scale.stride()), *weight.stride(),
+        *(out.stride() if bias is None else bias.stride()),
+        *(out.stride() if residual is None else residual.stride()),
+        *(out.stride() if gate is None else gate.stride()), *out.stride(),
+        BLOCK_N=block_n, BLOCK_K=block_k, NORM=eps is not None, SCALE=scale is not None,
+        BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl, num_warps=num_warps,
+        **pdl_launch(pdl),
+    )  # fmt: skip
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, **launch) -> torch.Tensor:
+    """``F.linear(x, weight)`` (no bias) for x (m, k) with m <= ``MAX_ROWS``, summed in float32 and
+    rounded once to the weight's dtype, as cuBLAS does. ``launch``: ``block_n``, ``block_k``,
+    ``num_warps`` (default: ``default_blocks``) and ``pdl`` (``pdl_supported``: the weights'
+    first block is read while the previous kernel finishes)."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
+    return _launch(x, weight, out, **launch)
+
+
+def norm_linear(
+    x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, eps: float, **launch
+) -> torch.Tensor:
+    """``rmsnorm(x) * scale`` through ``weight``, plus ``bias``, in one pass over x: in_proj of
+    ``modulate(rmsnorm(x) * norm_weight, shift, scale)`` with ``scale = norm_weight * (1 + scale)``
+    and ``bias = in_proj(shift)``, both fixed for a generation. x (m, k) float32; scale (m, k)
+    or (k,); bias (m, n); the output in the weight's dtype."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
+    return _launch(x, weight, out, scale=scale, bias=bias, eps=eps, **launch)
+
+
+def norm_linear_residual(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor,
+    gate: torch.Tensor,
+    eps: float,
+    **launch,
+) -> torch.Tensor:
+    """``residual + gate * linear(rmsnorm(x) * scale, weight)`` in float32: out_proj of the gated
+    RMSNorm (one group; x = (y + D x) * silu(z), scale = its norm weight) with the block's residual
+    add, in one pass over x. x (m, k); scale (k,); residual and gate (m, n)."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    return _launch(x, weight, out, scale=scale, residual=residual, gate=gate, eps=eps, **launch)

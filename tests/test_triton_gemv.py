@@ -1,0 +1,110 @@
+"""The small-row matrix-vector products (triton_gemv) against F.linear and float64 references of
+the norms they fold in: on the CPU through Triton's interpreter (in a subprocess), on the GPU
+directly."""
+
+import pytest
+import torch
+from test_triton_ssm import run_in_interpreter
+
+pytest.importorskip("triton")
+
+# Both sum the products in float32 (cuBLAS and torch's CPU matmul too) and round once to the
+# weights' dtype; only the order of the sums differs: a few float32 ulps over up to 300 terms
+# (1e-5 relative), or in bf16 one rounding step of the output, at most 2^-7 relative (8
+# significant bits; Triton's interpreter truncates where torch rounds to nearest).
+CHECK = """
+import torch
+import torch.nn.functional as F
+from aim_hf.triton_gemv import linear, norm_linear, norm_linear_residual
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+g = torch.Generator().manual_seed(0)
+device = "{device}"
+for m, k, n, dtype, blocks in [(2, 96, 200, torch.float32, {{}}), (3, 160, 70, torch.bfloat16, {{}}),
+                               (4, 300, 33, torch.float32, {{}}), (1, 160, 40, torch.float32, dict(block_n=16, block_k=64))]:
+    wide = torch.randn(m, 2 * k, generator=g).to(device, dtype)
+    x = wide[:, ::2]  # a strided view, like the mixer's inputs
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
+    ref = F.linear(x.float(), weight.float()).to(dtype)
+    out = linear(x, weight, **blocks)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    assert out.dtype == dtype and out.shape == (m, n) and rel(out, ref) < tol, (m, k, n, dtype, rel(out, ref))
+
+    # the norm folded in: in_proj of the modulated RMSNorm, out_proj of the gated one + residual add
+    stream = torch.randn(m, k, generator=g).to(device) * 3  # float32, like the residual stream
+    scale = (1 + 0.3 * torch.randn(m, k, generator=g)).to(device, dtype)
+    bias = torch.randn(m, n, generator=g).to(device, dtype)
+    normed = stream.double() * torch.rsqrt(stream.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    ref = (normed * scale.double()) @ weight.double().T + bias.double()
+    out = norm_linear(stream, scale, bias, weight, 1e-5, **blocks)
+    assert out.dtype == dtype and rel(out, ref) < tol, ("norm_linear", m, k, n, dtype, rel(out, ref))
+    vector, residual, gate = scale[0], torch.randn(m, n, generator=g).to(device), bias
+    ref = residual.double() + gate.double() * ((normed * vector.double()) @ weight.double().T)
+    out = norm_linear_residual(stream, vector, weight, residual, gate, 1e-5, **blocks)
+    assert out.dtype == torch.float32 and rel(out, ref) < 1e-5, ("norm_linear_residual", m, k, n, dtype, rel(out, ref))
+print("ok")
+"""
+
+
+def test_linear_matches_torch_in_interpreter():
+    run_in_interpreter(CHECK.format(device="cpu"), timeout=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_linear_matches_torch_on_gpu():
+    exec(CHECK.format(device="cuda"), {})
+
+
+FUSED = """
+import sys
+import torch
+sys.path.insert(0, "tests")
+from conftest import randomize, tiny_config
+from aim_hf import AiMForImageGeneration, triton_gemv
+from aim_hf.fast_decode import FusedStep
+from aim_hf.modeling_aim import AiMCache
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+triton_gemv.default_blocks = lambda *shape: (32, 64)  # few programs: the interpreter runs them one by one
+g = torch.Generator().manual_seed(0)
+device = "{device}"
+model = randomize(AiMForImageGeneration(tiny_config())).eval().to(device)
+assert FusedStep.supported(model, 4, "recurrent")
+assert not FusedStep.supported(model, 5, "recurrent") and not FusedStep.supported(model, 4, "dual")
+labels, codes = torch.tensor([0, 3, 4], device=device), torch.randint(0, 37, (3, 5), generator=g).to(device)
+caches = [AiMCache(model.config, 3, torch.float32, device, "recurrent") for _ in range(2)]
+with torch.no_grad():
+    _, groups, final = model.model.condition(labels)
+    modulations = model.model.layer_modulations(groups)
+    fused = FusedStep(model, 3)
+    fused.prepare(modulations)
+    for cache in caches:
+        model.model(codes, labels, cache=cache)
+    for t in range(5, 9):
+        token, position = torch.randint(0, 37, (3,), generator=g).to(device), torch.full((3,), t, device=device)
+        eager = model.model.step(token, position, modulations, final, caches[0])
+        out = fused(token, position, final, caches[1])
+        assert rel(out, eager) < 1e-5, (t, rel(out, eager))
+    for name, tensor in caches[0].tensors.items():
+        assert rel(caches[1].tensors[name], tensor) < 1e-5, name
+    assert torch.equal(caches[0].length, caches[1].length)
+print("ok")
+"""
+
+
+def test_fused_step_matches_the_step_in_interpreter():
+    """Four steps of FusedStep (the norms folded into the projections, the gate into the state
+    update) equal AiMModel.step and leave the same cache, in float32 (1e-5 relative: the same
+    sums in another order, and no bf16 rounding anywhere in float32)."""
+    run_in_interpreter(FUSED.format(device="cpu"), timeout=600)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_step_matches_the_step_on_gpu():
+    exec(FUSED.format(device="cuda"), {})
