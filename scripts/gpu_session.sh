@@ -5,6 +5,7 @@
 #   generation  scripts/benchmark.py: AiM-B and AiM-XL, batch 1-256, both cache forms, eager baseline (~6 min)
 #   numerics    scripts/numerics.py: bf16 weights, bf16/fp32 state and the dual history vs float64
 #   kernels     scripts/benchmark_ssm_kernels.py: the SSM step kernels alone, both cache forms
+#   projections scripts/benchmark_projection_kernels.py: the batch-1/2 GEMVs against cuBLAS
 #   profile     scripts/profile_step.py for AiM-B batch 256 and AiM-XL batch 1
 #   training    scripts/benchmark_training.py: AiM-B/L, pure-PyTorch mixer vs mamba-ssm kernels
 #   ddp         tests/test_distributed.py on two GPUs with NCCL: DDP and FSDP (a two-GPU machine)
@@ -28,7 +29,7 @@ for stage in "${@:-tests generation kernels profile training}"; do
     echo "== $s ($(date -u +%T))"
     case $s in
       tests)
-        timeout 240 "${pytest[@]}" -m gpu tests/test_gpu.py tests/test_triton_ssm.py >"$out/tests.log" 2>&1
+        timeout 420 "${pytest[@]}" -m gpu tests/test_gpu.py tests/test_triton_ssm.py tests/test_triton_gemv.py >"$out/tests.log" 2>&1
         tail -3 "$out/tests.log" ;;
       generation)
         timeout 480 python3 scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 32 64 256 \
@@ -40,6 +41,10 @@ for stage in "${@:-tests generation kernels profile training}"; do
       kernels)
         timeout 120 python3 scripts/benchmark_ssm_kernels.py --json "$out/ssm_kernels.json" >"$out/ssm_kernels.log" 2>&1
         tail -30 "$out/ssm_kernels.log" ;;
+      projections)
+        timeout 300 python3 scripts/benchmark_projection_kernels.py --rows 2 --block-n 0 4 --block-k 0 --num-warps 4 \
+          --json "$out/projections.json" >"$out/projections.log" 2>&1
+        tail -30 "$out/projections.log" ;;
       profile)
         timeout 60 python3 scripts/profile_step.py --preset AiM-B --batch 256 --rows 25 >"$out/profile-b256.log" 2>&1
         timeout 60 python3 scripts/profile_step.py --preset AiM-XL --batch 1 --rows 25 >"$out/profile-xl1.log" 2>&1 ;;
@@ -47,7 +52,7 @@ for stage in "${@:-tests generation kernels profile training}"; do
         timeout 330 python3 scripts/benchmark_training.py --json "$out/training.json" >"$out/training.log" 2>&1
         tail -8 "$out/training.log" ;;
       ddp)
-        OMP_NUM_THREADS=1 timeout 240 "${pytest[@]}" -s -m gpu tests/test_distributed.py >"$out/ddp.log" 2>&1
+        OMP_NUM_THREADS=1 timeout 540 "${pytest[@]}" -s -m gpu tests/test_distributed.py >"$out/ddp.log" 2>&1
         tail -5 "$out/ddp.log" ;;
       *) echo "unknown stage $s" ;;
     esac
