@@ -54,7 +54,8 @@ class AiMConfig(PretrainedConfig):
         use_triton_kernels: on CUDA, decode with this package's Triton step kernels (triton_ssm:
             conv, recurrent and dual SSM updates); without them "auto" keeps the recurrent cache.
         use_projection_kernels: on CUDA, decoding steps of up to 4 rows (batch 1-2 with guidance)
-            run in_proj and out_proj as ``triton_gemv`` matrix-vector products instead of cuBLAS.
+            run in_proj and out_proj as ``triton_gemv`` matrix-vector products instead of cuBLAS,
+            and the CUDA-graph decoder runs them as ``fast_decode.FusedStep`` (four kernels a layer).
         use_cuda_graphs: on CUDA, generate with compiled blocks and one CUDA graph per step.
         state_dtype: storage dtype of the recurrent SSM state in generation (the recurrent cache
             only: the dual history is kept in the weights' dtype); None keeps it in the

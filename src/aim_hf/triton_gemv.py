@@ -2,12 +2,13 @@
 with the RMSNorm before it and the residual add after it folded in.
 
 At batch 1 (2 rows with guidance) a step reads each layer's weights once; cuBLAS runs AiM-XL's
-out_proj as a split-K product and a reduction, two launches at about 0.3 of the memory bandwidth
+out_proj as a split-K product and a reduction, two launches at about 0.36 of the memory bandwidth
 (BENCHMARKS.md). Here one launch: a program owns one row and a block of a few outputs, streams
-that block of the weights once along the inputs and sums the products at the end, so there are
-enough programs to keep every SM streaming. The programs of one output block are neighbours in
-launch order, so the second row reads the block from L2. For up to ``MAX_ROWS`` rows; more rows
-share each weight read better in cuBLAS.
+that block of the weights along the inputs one block ahead and sums the products at the end, so
+there are enough programs to keep every SM streaming. The programs of one output block are
+neighbours in launch order, so the second row reads the block from L2. With programmatic
+dependent launch the first block is read while the previous kernel ends. For up to ``MAX_ROWS``
+rows; more rows share each weight read better in cuBLAS.
 """
 
 from __future__ import annotations
