@@ -41,7 +41,7 @@ def time_projection(
     scale, other = torch.randn(rows, width, device="cuda"), torch.randn(rows, n, device="cuda")
     runs = [("cuBLAS", lambda weight: F.linear(x, weight))]
     for block_n, block_k, warps, pdl in itertools.product(
-        args.block_n, args.block_k, args.num_warps, [False, True]
+        args.block_n, args.block_k, args.num_warps, args.pdl
     ):
         launch = {"block_n": block_n or None, "block_k": block_k or None, "num_warps": warps, "pdl": pdl}
         runs.append((launch, functools.partial(linear, x, **launch)))
