@@ -169,8 +169,14 @@ if TRITON_AVAILABLE:
 
 
 def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper and later (compute capability 9)."""
-    return TRITON_AVAILABLE and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Programmatic dependent launch: Hopper and later (compute capability 9), and a Triton that
+    has it (``gdc_wait``, Triton 3.3 and later)."""
+    return (
+        TRITON_AVAILABLE
+        and hasattr(tl.extra.cuda, "gdc_wait")
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
 
 
 def pdl_launch(pdl: bool) -> dict:
