@@ -62,9 +62,7 @@ class FusedStep:
             and model.config.n_groups == 1
             and mixer.in_proj.bias is None
             and mixer.out_proj.bias is None
-            and triton_gemv.TRITON_AVAILABLE
-            and rows <= triton_gemv.MAX_ROWS
-            and triton_ssm.supported(mixer.in_proj.weight)
+            and triton_gemv.supported(rows, mixer.in_proj.weight)
         )
 
     def prepare(self, modulations: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_ssm import pdl_launch
+from . import triton_ssm
 
 try:
     import triton
@@ -82,14 +82,9 @@ if TRITON_AVAILABLE:
         tl.store(out_ptr + row * o_m + n * o_n, out.to(out_ptr.dtype.element_ty), mask=n < N)
 
 
-def supported(rows: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Triton present, at most ``MAX_ROWS`` rows, half or single precision weights."""
-    return (
-        TRITON_AVAILABLE
-        and rows.dim() == 2
-        and rows.shape[0] <= MAX_ROWS
-        and weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
-    )
+def supported(rows: int, weight: torch.Tensor) -> bool:
+    """At most ``MAX_ROWS`` rows, and weights the Triton kernels take (``triton_ssm.supported``)."""
+    return rows <= MAX_ROWS and triton_ssm.supported(weight)
 
 
 def _launch(
@@ -122,7 +117,7 @@ def _launch(
         *(out.stride() if gate is None else gate.stride()), *out.stride(),
         BLOCK_N=block_n, BLOCK_K=block_k, NORM=eps is not None, SCALE=scale is not None,
         BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl, num_warps=num_warps,
-        **pdl_launch(pdl),
+        **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip
     return out
 
