@@ -40,10 +40,13 @@ def time_projection(
     stream = torch.randn(rows, width, device="cuda")  # float32 input of the folded norms
     scale, other = torch.randn(rows, width, device="cuda"), torch.randn(rows, n, device="cuda")
     runs = [("cuBLAS", lambda weight: F.linear(x, weight))]
-    for block_n, block_k, warps, pdl in itertools.product(
-        args.block_n, args.block_k, args.num_warps, args.pdl
+    for block_n, block_k, warps, pdl, all_rows in itertools.product(
+        args.block_n, args.block_k, args.num_warps, args.pdl, args.all_rows
     ):
-        launch = {"block_n": block_n or None, "block_k": block_k or None, "num_warps": warps, "pdl": pdl}
+        launch = {
+            "block_n": block_n or None, "block_k": block_k or None, "num_warps": warps, "pdl": pdl,
+            "all_rows": all_rows,
+        }  # fmt: skip
         runs.append((launch, functools.partial(linear, x, **launch)))
         if name == "in_proj":  # norm_linear: the norm and adaLN folded in
             fused = functools.partial(norm_linear, stream, scale, other, eps=1e-5, **launch)
@@ -87,6 +90,10 @@ def main() -> None:
         default=[False, True],
         help="on / off: programmatic dependent launch",
     )
+    parser.add_argument(
+        "--all-rows", nargs="+", type=lambda v: v == "on", default=[True],
+        help="on / off: a program takes every row (off: one row a program)",
+    )  # fmt: skip
     parser.add_argument(
         "--stack-bytes", type=int, default=512 << 20, help="weights a timed graph streams (well past L2)"
     )

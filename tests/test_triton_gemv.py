@@ -23,7 +23,8 @@ def rel(a, b):
 g = torch.Generator().manual_seed(0)
 device = "{device}"
 for m, k, n, dtype, blocks in [(2, 96, 200, torch.float32, {{}}), (3, 160, 70, torch.bfloat16, {{}}),
-                               (4, 300, 33, torch.float32, {{}}), (1, 160, 40, torch.float32, dict(block_n=16, block_k=64))]:
+                               (4, 300, 33, torch.float32, {{}}), (1, 160, 40, torch.float32, dict(block_n=16, block_k=64)),
+                               (3, 96, 50, torch.float32, dict(all_rows=False))]:
     wide = torch.randn(m, 2 * k, generator=g).to(device, dtype)
     x = wide[:, ::2]  # a strided view, like the mixer's inputs
     weight = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)

@@ -28,58 +28,63 @@ except ImportError:
 MAX_ROWS = 4  # batch 1 or 2 with guidance
 
 
-def default_blocks(rows: int, outputs: int, inputs: int) -> tuple[int, int]:
-    """(outputs, inputs) per program: about four programs per SM of an H100 (132), and 4096
-    products in registers (32 a thread with 4 warps)."""
+def default_blocks(rows: int, outputs: int, inputs: int, rows_per_program: int = 1) -> tuple[int, int]:
+    """(outputs, inputs) per program: about four programs per SM of an H100 (132) for one row a
+    program; a weight block of at most 4096 elements and at most 8192 products in registers (64 a
+    thread with 4 warps)."""
     block_n = max(2, min(32, 1 << (max(1, rows * outputs // 528).bit_length() - 1)))
-    return block_n, max(64, min(4096 // block_n, 1 << (inputs - 1).bit_length()))
+    block_k = min(4096 // block_n, 8192 // (block_n * rows_per_program))
+    return block_n, max(64, min(block_k, 1 << (inputs - 1).bit_length()))
 
 
 if TRITON_AVAILABLE:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, u_ptr, w_ptr, c_ptr, res_ptr, gate_ptr, out_ptr, N, K, eps,
+        x_ptr, u_ptr, w_ptr, c_ptr, res_ptr, gate_ptr, out_ptr, M, N, K, eps,
         x_m, x_k, u_m, u_k, w_n, w_k, c_m, c_n, r_m, r_n, g_m, g_n, o_m, o_n,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         NORM: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        row = tl.program_id(0)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
+        r, c = rows[:, None], n[None, :]  # a (rows x outputs) tile
+        outputs = (r < M) & (c < N)
         w_block = w_ptr + n[:, None] * w_n + k[None, :] * w_k
         w = tl.load(w_block, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
         # Before the wait (PDL): the first block of weights and the epilogue's operands, written two
         # or more kernels earlier (see triton_ssm.pdl_launch).
         if BIAS:
-            bias = tl.load(c_ptr + row * c_m + n * c_n, mask=n < N, other=0.0).to(tl.float32)
+            bias = tl.load(c_ptr + r * c_m + c * c_n, mask=outputs, other=0.0).to(tl.float32)
         if RESIDUAL:
-            gate = tl.load(gate_ptr + row * g_m + n * g_n, mask=n < N, other=0.0).to(tl.float32)
-            residual = tl.load(res_ptr + row * r_m + n * r_n, mask=n < N, other=0.0).to(tl.float32)
+            gate = tl.load(gate_ptr + r * g_m + c * g_n, mask=outputs, other=0.0).to(tl.float32)
+            residual = tl.load(res_ptr + r * r_m + c * r_n, mask=outputs, other=0.0).to(tl.float32)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once, after the loop
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once, after the loop
+        squares = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
             following = (n < N)[:, None] & (k + BLOCK_K < K)[None, :]
             w_next = tl.load(w_block + (start + BLOCK_K) * w_k, mask=following, other=0.0)  # one block ahead
-            x = tl.load(x_ptr + row * x_m + k * x_k, mask=k < K, other=0.0).to(tl.float32)
-            if NORM:  # the row's statistic from the same reads as the products
+            inputs = (r < M) & (k < K)[None, :]
+            x = tl.load(x_ptr + r * x_m + k[None, :] * x_k, mask=inputs, other=0.0).to(tl.float32)
+            if NORM:  # the rows' statistic from the same reads as the products
                 squares += x * x
             if SCALE:
-                x *= tl.load(u_ptr + row * u_m + k * u_k, mask=k < K, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
+                x *= tl.load(u_ptr + r * u_m + k[None, :] * u_k, mask=inputs, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
             w = w_next
-        out = tl.sum(acc, axis=1)
+        out = tl.sum(acc, axis=2)
         if NORM:  # the norm's 1/rms is a per-row factor: applied to the products, not the inputs
-            out = out / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+            out = out / tl.sqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
         if BIAS:
             out += bias
         if RESIDUAL:
             out = residual + gate * out
-        tl.store(out_ptr + row * o_m + n * o_n, out.to(out_ptr.dtype.element_ty), mask=n < N)
+        tl.store(out_ptr + r * o_m + c * o_n, out.to(out_ptr.dtype.element_ty), mask=outputs)
 
 
 def supported(rows: int, weight: torch.Tensor) -> bool:
@@ -100,22 +105,24 @@ def _launch(
     block_k: int | None = None,
     num_warps: int = 4,
     pdl: bool = False,
+    all_rows: bool = True,
 ) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
-    default_n, default_k = default_blocks(m, n, k)
+    rows = triton.next_power_of_2(m) if all_rows else 1
+    default_n, default_k = default_blocks(m, n, k, rows)
     block_n, block_k = block_n or default_n, block_k or default_k
     scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
     unread = x  # placeholder for the pointers a launch does not read
-    _gemv_kernel[(m, triton.cdiv(n, block_n))](
+    _gemv_kernel[(triton.cdiv(m, rows), triton.cdiv(n, block_n))](
         x, unread if scale is None else scale, weight, unread if bias is None else bias,
         unread if residual is None else residual, unread if gate is None else gate, out,
-        n, k, 0.0 if eps is None else eps,
+        m, n, k, 0.0 if eps is None else eps,
         *x.stride(), *(x.stride() if scale is None else scale.stride()), *weight.stride(),
         *(out.stride() if bias is None else bias.stride()),
         *(out.stride() if residual is None else residual.stride()),
         *(out.stride() if gate is None else gate.stride()), *out.stride(),
-        BLOCK_N=block_n, BLOCK_K=block_k, NORM=eps is not None, SCALE=scale is not None,
+        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, NORM=eps is not None, SCALE=scale is not None,
         BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl, num_warps=num_warps,
         **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip
