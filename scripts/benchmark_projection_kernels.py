@@ -51,7 +51,8 @@ def time_projection(
         if name == "in_proj":  # norm_linear: the norm and adaLN folded in
             fused = functools.partial(norm_linear, stream, scale, other, eps=1e-5, **launch)
         else:  # norm_linear_residual: the gated norm and the residual add folded in
-            fused = functools.partial(norm_linear_residual, stream, scale[0], residual=other, gate=other, eps=1e-5, **launch)  # fmt: skip
+            squares = stream.pow(2).view(rows, -1, 64).sum(-1)  # in parts, as ssm_update_gated gives it
+            fused = functools.partial(norm_linear_residual, x, squares, residual=other, gate=other, eps=1e-5, **launch)  # fmt: skip
         runs.append(({"folded norm": True, **launch}, fused))
     results = []
     for launch, fn in runs:

@@ -43,8 +43,9 @@ for m, k, n, dtype, blocks in [(2, 96, 200, torch.float32, {{}}), (3, 160, 70, t
     assert out.dtype == dtype and rel(out, ref) < tol, ("norm_linear", m, k, n, dtype, rel(out, ref))
     vector, residual, gate = scale[0], torch.randn(m, n, generator=g).to(device), bias
     ref = residual.double() + gate.double() * ((normed * vector.double()) @ weight.double().T)
-    out = norm_linear_residual(stream, vector, weight, residual, gate, 1e-5, **blocks)
-    assert out.dtype == torch.float32 and rel(out, ref) < 1e-5, ("norm_linear_residual", m, k, n, dtype, rel(out, ref))
+    squares = torch.stack([part.pow(2).sum(-1) for part in stream.chunk(3, dim=-1)], -1)  # the statistic in 3 parts
+    out = norm_linear_residual((stream * vector).to(dtype), squares, weight, residual, gate, 1e-5, **blocks)
+    assert out.dtype == torch.float32 and rel(out, ref) < tol, ("norm_linear_residual", m, k, n, dtype, rel(out, ref))
 print("ok")
 """
 

@@ -20,7 +20,7 @@ pytest.importorskip("triton")  # installed with the test extra; the skip only gu
 CHECK = """
 import torch
 from aim_hf.mamba2 import LayerCache, conv_step, ssm_dual_step, ssm_step
-from aim_hf.triton_ssm import conv_update, ssm_dual_update, ssm_update, supported
+from aim_hf.triton_ssm import conv_update, ssm_dual_update, ssm_update, ssm_update_gated, supported
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -64,10 +64,14 @@ for b, h, p, n, groups, dtype in cases:
     assert rel(state, ref_state) < tol, rel(state, ref_state)
     # with the D skip and the gate folded in (the same update from the same state)
     D, z = new(h), new(b, h, p).to(dtype)
-    gated = ssm_update(ref_state.clone(), x, dt, bias, A_log, B, C, D=D, z=strided(z))
+    norm_weight = new(h * p).to(dtype)
+    gated, squares = ssm_update_gated(ref_state.clone(), x, dt, bias, A_log, B, C, D, strided(z), norm_weight)
     silu_z = torch.nn.functional.silu(z.float())
     gated_ref = (ssm_step(ref_state.clone(), x, dt, bias, A_log, B, C) + x.float() * D[:, None]) * silu_z
-    assert rel(gated, gated_ref) < 1e-5, rel(gated, gated_ref)
+    scaled_ref = gated_ref * norm_weight.float().view(h, p)
+    assert gated.dtype == dtype and rel(gated, scaled_ref) < max(tol, 1e-5), rel(gated, scaled_ref)
+    squares_ref = gated_ref.pow(2).flatten(1).sum(-1)
+    assert squares.dtype == torch.float32 and rel(squares.sum(-1), squares_ref) < 1e-5, rel(squares.sum(-1), squares_ref)
 
     # the dual form at the first position, inside and across loop blocks and at the last one
     capacity = 40

@@ -35,8 +35,9 @@ def compiled_block_step() -> Callable:
 class FusedStep:
     """A decoding step of a few rows in four kernels a layer, for the recurrent cache with one SSM
     group: in_proj with the residual stream's RMSNorm and adaLN folded in (``norm_linear``), the
-    conv step, the state update returning the gated norm's input, and out_proj with that norm and
-    the residual add folded in (``norm_linear_residual``). The adaLN's shift and scale enter as
+    conv step, the state update returning the gated norm's input times its weight and the norm's
+    statistic in parts (``ssm_update_gated``), and out_proj with that norm and the residual add
+    folded in (``norm_linear_residual``). The adaLN's shift and scale enter as
     ``u = norm weight * (1 + scale)`` and ``c = in_proj(shift)``, computed once per generation by
     ``prepare``. Same values as ``AiMModel.step`` up to float32 rounding (the norms' inputs are
     not rounded to bf16 here). On Hopper the four are launched early (programmatic dependent
@@ -87,14 +88,14 @@ class FusedStep:
                 xbc, layer_cache.conv, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, pdl=pdl
             )
             x, B, C = mixer._split_xbc(xbc)
-            gated = triton_ssm.ssm_update(
-                layer_cache.state, x, dt, mixer.dt_bias, mixer.A_log, B, C, D=mixer.D, z=z.unflatten(-1, x.shape[1:]),
-                pdl=pdl,
+            gated, squares = triton_ssm.ssm_update_gated(
+                layer_cache.state, x, dt, mixer.dt_bias, mixer.A_log, B, C, mixer.D, z.unflatten(-1, x.shape[1:]),
+                mixer.norm.weight, pdl=pdl,
             )  # fmt: skip
+            out_proj, gate = mixer.out_proj.weight, self.gates[i]
             stream = triton_gemv.norm_linear_residual(
-                gated.flatten(-2), mixer.norm.weight, mixer.out_proj.weight, stream, self.gates[i], mixer.norm.eps,
-                pdl=pdl,
-            )  # fmt: skip
+                gated.flatten(-2), squares, out_proj, stream, gate, mixer.norm.eps, pdl=pdl
+            )
         cache.length.add_(1)
         return model.finish(stream, final)
 

@@ -29,10 +29,11 @@ MAX_ROWS = 4  # batch 1 or 2 with guidance
 
 
 def default_blocks(rows: int, outputs: int, inputs: int, rows_per_program: int = 1) -> tuple[int, int]:
-    """(outputs, inputs) per program: about four programs per SM of an H100 (132) for one row a
-    program; a weight block of at most 4096 elements and at most 8192 products in registers (64 a
-    thread with 4 warps)."""
-    block_n = max(2, min(32, 1 << (max(1, rows * outputs // 528).bit_length() - 1)))
+    """(outputs, inputs) per program: about six programs per SM of an H100 (132), fastest in a
+    decoding step of AiM-XL (BENCHMARKS.md); a weight block of at most 4096 elements and at most
+    8192 products in registers (64 a thread with 4 warps)."""
+    programs = -(-rows // rows_per_program) * outputs
+    block_n = max(2, min(32, 1 << (max(1, programs // 800).bit_length() - 1)))
     block_k = min(4096 // block_n, 8192 // (block_n * rows_per_program))
     return block_n, max(64, min(block_k, 1 << (inputs - 1).bit_length()))
 
@@ -41,9 +42,9 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, u_ptr, w_ptr, c_ptr, res_ptr, gate_ptr, out_ptr, M, N, K, eps,
-        x_m, x_k, u_m, u_k, w_n, w_k, c_m, c_n, r_m, r_n, g_m, g_n, o_m, o_n,
-        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, u_ptr, w_ptr, c_ptr, res_ptr, gate_ptr, sq_ptr, out_ptr, M, N, K, eps, parts,
+        x_m, x_k, u_m, u_k, w_n, w_k, c_m, c_n, r_m, r_n, g_m, g_n, sq_m, o_m, o_n,
+        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
         NORM: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -71,7 +72,7 @@ if TRITON_AVAILABLE:
             w_next = tl.load(w_block + (start + BLOCK_K) * w_k, mask=following, other=0.0)  # one block ahead
             inputs = (r < M) & (k < K)[None, :]
             x = tl.load(x_ptr + r * x_m + k[None, :] * x_k, mask=inputs, other=0.0).to(tl.float32)
-            if NORM:  # the rows' statistic from the same reads as the products
+            if NORM and PARTS == 0:  # the rows' statistic from the same reads as the products
                 squares += x * x
             if SCALE:
                 x *= tl.load(u_ptr + r * u_m + k[None, :] * u_k, mask=inputs, other=0.0).to(tl.float32)
@@ -79,7 +80,12 @@ if TRITON_AVAILABLE:
             w = w_next
         out = tl.sum(acc, axis=2)
         if NORM:  # the norm's 1/rms is a per-row factor: applied to the products, not the inputs
-            out = out / tl.sqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+            if PARTS:  # the statistic summed from the parts the previous kernel wrote
+                j = tl.arange(0, PARTS)[None, :]
+                total = tl.sum(tl.load(sq_ptr + r * sq_m + j, mask=(r < M) & (j < parts), other=0.0), axis=1)
+            else:
+                total = tl.sum(squares, axis=1)
+            out = out / tl.sqrt(total / K + eps)[:, None]
         if BIAS:
             out += bias
         if RESIDUAL:
@@ -100,6 +106,7 @@ def _launch(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
+    squares: torch.Tensor | None = None,
     eps: float | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
@@ -116,13 +123,16 @@ def _launch(
     unread = x  # placeholder for the pointers a launch does not read
     _gemv_kernel[(triton.cdiv(m, rows), triton.cdiv(n, block_n))](
         x, unread if scale is None else scale, weight, unread if bias is None else bias,
-        unread if residual is None else residual, unread if gate is None else gate, out,
-        m, n, k, 0.0 if eps is None else eps,
+        unread if residual is None else residual, unread if gate is None else gate,
+        unread if squares is None else squares, out,
+        m, n, k, 0.0 if eps is None else eps, 0 if squares is None else squares.shape[1],
         *x.stride(), *(x.stride() if scale is None else scale.stride()), *weight.stride(),
         *(out.stride() if bias is None else bias.stride()),
         *(out.stride() if residual is None else residual.stride()),
-        *(out.stride() if gate is None else gate.stride()), *out.stride(),
-        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, NORM=eps is not None, SCALE=scale is not None,
+        *(out.stride() if gate is None else gate.stride()), 0 if squares is None else squares.stride(0),
+        *out.stride(),
+        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
+        PARTS=0 if squares is None else triton.next_power_of_2(squares.shape[1]), NORM=eps is not None, SCALE=scale is not None,
         BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl, num_warps=num_warps,
         **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip
@@ -151,15 +161,16 @@ def norm_linear(
 
 def norm_linear_residual(
     x: torch.Tensor,
-    scale: torch.Tensor,
+    squares: torch.Tensor,
     weight: torch.Tensor,
     residual: torch.Tensor,
     gate: torch.Tensor,
     eps: float,
     **launch,
 ) -> torch.Tensor:
-    """``residual + gate * linear(rmsnorm(x) * scale, weight)`` in float32: out_proj of the gated
-    RMSNorm (one group; x = (y + D x) * silu(z), scale = its norm weight) with the block's residual
-    add, in one pass over x. x (m, k); scale (k,); residual and gate (m, n)."""
+    """``residual + gate * linear(rmsnorm(g) * norm_weight, weight)`` in float32: out_proj of the
+    gated RMSNorm (one group) with the block's residual add, from what ``ssm_update_gated``
+    returns: x = g * norm_weight (m, k) and ``squares`` (m, parts), partial sums of g**2 whose
+    total is the norm's statistic. residual and gate (m, n)."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
-    return _launch(x, weight, out, scale=scale, residual=residual, gate=gate, eps=eps, **launch)
+    return _launch(x, weight, out, residual=residual, gate=gate, squares=squares, eps=eps, **launch)

@@ -6,7 +6,9 @@ and ran the state update at a third of the memory bandwidth (BENCHMARKS.md). Her
 
 - ``conv_update``: shift of the conv window, the depthwise conv, bias and SiLU for every channel.
 - ``ssm_update``: the recurrent form; softplus of dt, a (head_dim-block x state) tile of the state
-  updated in registers, stored once in the state's dtype and reduced against C.
+  updated in registers, stored once in the state's dtype and reduced against C;
+  ``ssm_update_gated`` also applies the D skip, the gate and the gated norm's weight, and returns
+  the norm's statistic in parts.
 - ``ssm_dual_update``: the dual form; appends this position to the history and sums over the
   past positions, which are only read (about half the bytes of the state for 256 tokens).
 
@@ -68,10 +70,10 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _ssm_update_kernel(
-        state_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_log_ptr, b_ptr, c_ptr, y_ptr, d_ptr, z_ptr,
+        state_ptr, x_ptr, dt_ptr, dt_bias_ptr, a_log_ptr, b_ptr, c_ptr, y_ptr, d_ptr, z_ptr, nw_ptr, sq_ptr,
         heads, heads_per_group, P, N,
         s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n, y_b, y_h, y_p,
-        z_b, z_h, z_p,
+        z_b, z_h, z_p, sq_b,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0).to(tl.int64)
@@ -100,7 +102,12 @@ if TRITON_AVAILABLE:
         if GATED:  # the D skip and the gate of the norm that follows: (y + D x) * silu(z)
             z = tl.load(z_ptr + batch * z_b + head * z_h + p * z_p, mask=rows, other=0.0).to(tl.float32)
             y = (y + tl.load(d_ptr + head).to(tl.float32) * x) * (z / (1.0 + tl.exp(-z)))
-        tl.store(y_ptr + batch * y_b + head * y_h + p * y_p, y, mask=rows)
+            # the norm's statistic in parts (one a program, summed by out_proj) and its weight
+            tl.store(
+                sq_ptr + batch * sq_b + head * tl.num_programs(1) + tl.program_id(1), tl.sum(y * y, axis=0)
+            )
+            y *= tl.load(nw_ptr + head * P + p, mask=rows, other=0.0).to(tl.float32)
+        tl.store(y_ptr + batch * y_b + head * y_h + p * y_p, y.to(y_ptr.dtype.element_ty), mask=rows)
 
     @triton.jit
     def _ssm_dual_update_kernel(
@@ -210,6 +217,28 @@ def conv_update(
     return out
 
 
+def _ssm_update(state, x, dt, dt_bias, A_log, B, C, gating: tuple | None, pdl: bool):
+    b, h, p, n = state.shape
+    block_p = min(16, triton.next_power_of_2(p))
+    grid = (b * h, triton.cdiv(p, block_p))
+    if gating is None:
+        y = torch.empty(b, h, p, dtype=torch.float32, device=state.device)
+        D, z, norm_weight, squares = A_log, x, A_log, y  # placeholders, not read
+    else:
+        D, z, norm_weight = gating
+        y = torch.empty(b, h, p, dtype=norm_weight.dtype, device=state.device)
+        squares = torch.empty(b, grid[0] // b * grid[1], dtype=torch.float32, device=state.device)
+    _ssm_update_kernel[grid](
+        state, x, dt, dt_bias, A_log, B, C, y, D, z, norm_weight, squares,
+        h, h // B.shape[1], p, n,
+        *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(), *z.stride(),
+        squares.stride(0),
+        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), GATED=gating is not None, PDL=pdl,
+        **pdl_launch(pdl),
+    )  # fmt: skip
+    return y, squares
+
+
 def ssm_update(
     state: torch.Tensor,
     x: torch.Tensor,
@@ -218,25 +247,31 @@ def ssm_update(
     A_log: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
-    """Same contract as ``mamba2.ssm_step``; with ``D`` (h,) and ``z`` (b, h, p) it returns
-    ``(y + D x) * silu(z)`` instead, the input of the gated RMSNorm. ``pdl``: launched early
-    (``pdl_launch``)."""
-    b, h, p, n = state.shape
-    y = torch.empty(b, h, p, dtype=torch.float32, device=state.device)
-    block_p = min(16, triton.next_power_of_2(p))
-    gated = z is not None
-    _ssm_update_kernel[(b * h, triton.cdiv(p, block_p))](
-        state, x, dt, dt_bias, A_log, B, C, y, D if gated else A_log, z if gated else x,
-        h, h // B.shape[1], p, n,
-        *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
-        *(z if gated else x).stride(),
-        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), GATED=gated, PDL=pdl, **pdl_launch(pdl),
-    )  # fmt: skip
-    return y
+    """Same contract as ``mamba2.ssm_step``; ``pdl``: launched early (``pdl_launch``)."""
+    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, None, pdl)[0]
+
+
+def ssm_update_gated(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    z: torch.Tensor,
+    norm_weight: torch.Tensor,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state update of ``ssm_update`` with what follows it up to the gated RMSNorm (one group),
+    for ``triton_gemv.norm_linear_residual``: ``g = (y + D x) * silu(z)`` with D (h,) and
+    z (b, h, p), returned as ``g * norm_weight`` (b, h, p) in the norm weight's dtype, and the
+    norm's statistic in parts, (b, parts) float32 sums of ``g**2`` over disjoint channel blocks:
+    out_proj then reads the gated input once, in half the bytes for bf16."""
+    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, (D, z, norm_weight), pdl)
 
 
 def ssm_dual_update(
