@@ -14,6 +14,7 @@ from reference_aim import (
 
 from aim_hf import AiMForImageGeneration
 from aim_hf.conversion import load_original
+from aim_hf.modeling_aim import AiMCache
 from aim_hf.sampling import filter_logits, sample_inverse_cdf
 
 # float64 on both sides: decoding and the forward differ only in summation order (recurrent step
@@ -54,6 +55,28 @@ def test_cached_steps_equal_forward(tiny_model, form, monkeypatch):
     assert rel_err(teacher_forced_decode(tiny_model, codes, labels, 1.0, start=15), forward[:, 15:]) < RTOL
     layers, steps = tiny_model.config.num_hidden_layers, 15 + 10 + 0  # decoded from 0, 5 and 15
     assert calls == ([layers * steps] if form == "dual" else [0])
+
+
+@pytest.mark.parametrize("form", ["recurrent", "dual"])
+def test_class_token_as_a_step_on_a_reset_cache_equals_the_forward(tiny_model, form):
+    """What the graph decoder's start graph runs: the class embedding as a step on a reset cache
+    (stale values in it) gives the forward's hidden state of the class token and the same cache."""
+    model, labels = tiny_model.model, torch.tensor([0, 3, 4])
+    caches = [AiMCache(tiny_model.config, 3, tiny_model.dtype, "cpu", form) for _ in range(2)]
+    for tensor in caches[1].tensors.values():
+        tensor.normal_()
+    caches[1].length.fill_(7)
+    with torch.no_grad():
+        forward = model(torch.zeros(3, 0, dtype=torch.long), labels, cache=caches[0])[:, -1]
+        c, groups, final = model.condition(labels)
+        caches[1].reset()
+        step = model.step(None, None, model.layer_modulations(groups), final, caches[1], inputs_embeds=c)
+    assert rel_err(step, forward) < RTOL
+    assert torch.equal(caches[1].length, caches[0].length) and caches[0].length.item() == 1
+    for name, tensor in caches[0].tensors.items():  # the dual history: only position 0 is written
+        seen = tensor if name in ("conv", "state") else tensor[:, :, :1]
+        mine = caches[1].tensors[name] if name in ("conv", "state") else caches[1].tensors[name][:, :, :1]
+        assert rel_err(mine, seen) < RTOL, name
 
 
 def count_calls(monkeypatch, name: str) -> list[int]:

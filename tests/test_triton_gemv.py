@@ -90,7 +90,7 @@ with torch.no_grad():
     for t in range(5, 9):
         token, position = torch.randint(0, 37, (3,), generator=g).to(device), torch.full((3,), t, device=device)
         eager = model.model.step(token, position, modulations, final, caches[0])
-        out = fused(token, position, final, caches[1])
+        out = fused(model.model.embed(token, position), final, caches[1])
         assert rel(out, eager) < 1e-5, (t, rel(out, eager))
     for name, tensor in caches[0].tensors.items():
         assert rel(caches[1].tensors[name], tensor) < 1e-5, name

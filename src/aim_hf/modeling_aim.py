@@ -121,6 +121,14 @@ class AiMCache:
     def layer(self, i: int) -> LayerCache:
         return LayerCache(length=self.length, **{name: t[i] for name, t in self.tensors.items()})
 
+    def reset(self) -> None:
+        """Empty: no position seen, a zero conv window and state. The dual history needs no
+        clearing, since only its first ``length`` positions are read."""
+        self.length.zero_()
+        for name in ("conv", "state"):
+            if name in self.tensors:
+                self.tensors[name].zero_()
+
 
 class AiMBlock(GradientCheckpointingLayer):
     """Residual add (of the previous block's gated output), RMSNorm, adaLN modulation, Mamba2 mixer."""
@@ -252,6 +260,9 @@ class AiMModel(AiMPreTrainedModel):
         offset = int(self.config.original_decode_positions)
         return torch.arange(start + offset, start + offset + length, device=device)
 
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens) + self.embed_positions(positions)
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -266,8 +277,7 @@ class AiMModel(AiMPreTrainedModel):
         c, groups, final = self.condition(class_labels)
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
-        embedded = self.embed_tokens(tokens) + self.embed_positions(positions)
-        hidden_states = torch.cat([c.unsqueeze(1), embedded], dim=1)
+        hidden_states = torch.cat([c.unsqueeze(1), self.embed(tokens, positions)], dim=1)
         gate = residual = None
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layer(i) if cache is not None else None
@@ -286,17 +296,20 @@ class AiMModel(AiMPreTrainedModel):
 
     def step(
         self,
-        token: torch.Tensor,
-        position: torch.Tensor,
+        token: torch.Tensor | None,
+        position: torch.Tensor | None,
         modulations: torch.Tensor,
         final: torch.Tensor,
         cache: AiMCache,
         run_block: Callable = block_step,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One decoding step: ``token`` (b,) at ``position`` -> hidden state (b, d); ``modulations``
         from ``layer_modulations``, ``final`` from ``condition``. ``run_block`` runs one block's
-        step (the CUDA-graph decoder passes a compiled one)."""
-        hidden_states = self.embed_tokens(token) + self.embed_positions(position)
+        step (the CUDA-graph decoder passes a compiled one). ``inputs_embeds`` (b, d) instead of
+        ``token`` and ``position``: the class embedding, whose step on an empty cache is the
+        forward of the class token alone."""
+        hidden_states = self.embed(token, position) if inputs_embeds is None else inputs_embeds
         gate = residual = None
         for i, layer in enumerate(self.layers):
             hidden_states, gate, residual = run_block(
