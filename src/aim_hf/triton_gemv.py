@@ -3,12 +3,13 @@ with the RMSNorm before it and the residual add after it folded in.
 
 At batch 1 (2 rows with guidance) a step reads each layer's weights once; cuBLAS runs AiM-XL's
 out_proj as a split-K product and a reduction, two launches at about 0.36 of the memory bandwidth
-(BENCHMARKS.md). Here one launch: a program owns one row and a block of a few outputs, streams
-that block of the weights along the inputs one block ahead and sums the products at the end, so
-there are enough programs to keep every SM streaming. The programs of one output block are
-neighbours in launch order, so the second row reads the block from L2. With programmatic
-dependent launch the first block is read while the previous kernel ends. For up to ``MAX_ROWS``
-rows; more rows share each weight read better in cuBLAS.
+(BENCHMARKS.md). Here one launch: a program owns a block of a few outputs for every row, streams
+that block of the weights along the inputs one block ahead (each weight read once) and sums the
+products at the end, and there are enough programs (about six an SM) to keep every SM
+streaming. ``all_rows=False`` gives each row its own programs, as before (0.44 against 0.55 of
+the bandwidth for AiM-XL's out_proj). With programmatic dependent launch the first block is read
+while the previous kernel ends. For up to ``MAX_ROWS`` rows; more rows share each weight read
+better in cuBLAS.
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ except ImportError:
 MAX_ROWS = 4  # batch 1 or 2 with guidance
 
 
-def default_blocks(rows: int, outputs: int, inputs: int, rows_per_program: int = 1) -> tuple[int, int]:
-    """(outputs, inputs) per program: about six programs per SM of an H100 (132), fastest in a
-    decoding step of AiM-XL (BENCHMARKS.md); a weight block of at most 4096 elements and at most
-    8192 products in registers (64 a thread with 4 warps)."""
-    programs = -(-rows // rows_per_program) * outputs
-    block_n = max(2, min(32, 1 << (max(1, programs // 800).bit_length() - 1)))
-    block_k = min(4096 // block_n, 8192 // (block_n * rows_per_program))
-    return block_n, max(64, min(block_k, 1 << (inputs - 1).bit_length()))
+def default_blocks(row_groups: int, outputs: int, inputs: int) -> tuple[int, int]:
+    """(outputs, inputs) per program: about six programs per SM of an H100 (132) over the
+    ``row_groups`` (programs that share no rows) and a weight block of 4096 elements; fastest in
+    a decoding step of AiM-XL at 2 and 4 rows (BENCHMARKS.md)."""
+    block_n = max(2, min(32, 1 << (max(1, row_groups * outputs // 800).bit_length() - 1)))
+    return block_n, max(64, min(4096 // block_n, 1 << (inputs - 1).bit_length()))
 
 
 if TRITON_AVAILABLE:
@@ -117,7 +116,7 @@ def _launch(
     m, k = x.shape
     n = weight.shape[0]
     rows = triton.next_power_of_2(m) if all_rows else 1
-    default_n, default_k = default_blocks(m, n, k, rows)
+    default_n, default_k = default_blocks(triton.cdiv(m, rows), n, k)
     block_n, block_k = block_n or default_n, block_k or default_k
     scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
     unread = x  # placeholder for the pointers a launch does not read
@@ -142,8 +141,9 @@ def _launch(
 def linear(x: torch.Tensor, weight: torch.Tensor, **launch) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias) for x (m, k) with m <= ``MAX_ROWS``, summed in float32 and
     rounded once to the weight's dtype, as cuBLAS does. ``launch``: ``block_n``, ``block_k``,
-    ``num_warps`` (default: ``default_blocks``) and ``pdl`` (``pdl_supported``: the weights'
-    first block is read while the previous kernel finishes)."""
+    ``num_warps`` (default: ``default_blocks``), ``pdl`` (``pdl_supported``: the weights' first
+    block is read while the previous kernel finishes) and ``all_rows`` (default; off: one row a
+    program)."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
     return _launch(x, weight, out, **launch)
 
