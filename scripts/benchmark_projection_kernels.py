@@ -40,12 +40,12 @@ def time_projection(
     stream = torch.randn(rows, width, device="cuda")  # float32 input of the folded norms
     scale, other = torch.randn(rows, width, device="cuda"), torch.randn(rows, n, device="cuda")
     runs = [("cuBLAS", lambda weight: F.linear(x, weight))]
-    for block_n, block_k, warps, pdl, all_rows in itertools.product(
-        args.block_n, args.block_k, args.num_warps, args.pdl, args.all_rows
+    for block_n, block_k, warps, pdl, rows_per_program in itertools.product(
+        args.block_n, args.block_k, args.num_warps, args.pdl, args.rows_per_program
     ):
         launch = {
             "block_n": block_n or None, "block_k": block_k or None, "num_warps": warps, "pdl": pdl,
-            "all_rows": all_rows,
+            "rows_per_program": rows_per_program,
         }  # fmt: skip
         runs.append((launch, functools.partial(linear, x, **launch)))
         if name == "in_proj":  # norm_linear: the norm and adaLN folded in
@@ -92,9 +92,8 @@ def main() -> None:
         help="on / off: programmatic dependent launch",
     )
     parser.add_argument(
-        "--all-rows", nargs="+", type=lambda v: v == "on", default=[True],
-        help="on / off: a program takes every row (off: one row a program)",
-    )  # fmt: skip
+        "--rows-per-program", nargs="+", type=int, default=[2], help="rows a GEMV program takes: 1, 2 or 4"
+    )
     parser.add_argument(
         "--stack-bytes", type=int, default=512 << 20, help="weights a timed graph streams (well past L2)"
     )

@@ -24,7 +24,8 @@ g = torch.Generator().manual_seed(0)
 device = "{device}"
 for m, k, n, dtype, blocks in [(2, 96, 200, torch.float32, {{}}), (3, 160, 70, torch.bfloat16, {{}}),
                                (4, 300, 33, torch.float32, {{}}), (1, 160, 40, torch.float32, dict(block_n=16, block_k=64)),
-                               (3, 96, 50, torch.float32, dict(all_rows=False))]:
+                               (3, 96, 50, torch.float32, dict(rows_per_program=1)),
+                               (3, 96, 50, torch.float32, dict(rows_per_program=4))]:
     wide = torch.randn(m, 2 * k, generator=g).to(device, dtype)
     x = wide[:, ::2]  # a strided view, like the mixer's inputs
     weight = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
@@ -52,6 +53,13 @@ print("ok")
 
 def test_linear_matches_torch_in_interpreter():
     run_in_interpreter(CHECK.format(device="cpu"), timeout=300)
+
+
+def test_bad_rows_per_program():
+    from aim_hf.triton_gemv import linear
+
+    with pytest.raises(ValueError, match="rows_per_program must be 1, 2 or 4, got 3"):
+        linear(torch.ones(2, 8), torch.ones(4, 8), rows_per_program=3)
 
 
 @pytest.mark.gpu

@@ -6,8 +6,8 @@ out_proj as a split-K product and a reduction, two launches at about 0.36 of the
 (BENCHMARKS.md). Here one launch: a program owns a block of a few outputs for every row, streams
 that block of the weights along the inputs one block ahead (each weight read once) and sums the
 products at the end, and there are enough programs (about six an SM) to keep every SM
-streaming. ``all_rows=False`` gives each row its own programs, as before (0.44 against 0.55 of
-the bandwidth for AiM-XL's out_proj). With programmatic dependent launch the first block is read
+streaming. A program takes two rows (``rows_per_program``): one a program was 0.44 against 0.55
+of the bandwidth for AiM-XL's out_proj at 2 rows, and four a program spill registers. With programmatic dependent launch the first block is read
 while the previous kernel ends. For up to ``MAX_ROWS`` rows; more rows share each weight read
 better in cuBLAS.
 """
@@ -111,11 +111,13 @@ def _launch(
     block_k: int | None = None,
     num_warps: int = 4,
     pdl: bool = False,
-    all_rows: bool = True,
+    rows_per_program: int = 2,
 ) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
-    rows = triton.next_power_of_2(m) if all_rows else 1
+    if rows_per_program not in (1, 2, 4):
+        raise ValueError(f"rows_per_program must be 1, 2 or 4, got {rows_per_program!r}")
+    rows = min(rows_per_program, triton.next_power_of_2(m))
     default_n, default_k = default_blocks(triton.cdiv(m, rows), n, k)
     block_n, block_k = block_n or default_n, block_k or default_k
     scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
@@ -142,8 +144,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, **launch) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias) for x (m, k) with m <= ``MAX_ROWS``, summed in float32 and
     rounded once to the weight's dtype, as cuBLAS does. ``launch``: ``block_n``, ``block_k``,
     ``num_warps`` (default: ``default_blocks``), ``pdl`` (``pdl_supported``: the weights' first
-    block is read while the previous kernel finishes) and ``all_rows`` (default; off: one row a
-    program)."""
+    block is read while the previous kernel finishes) and ``rows_per_program`` (1, 2 or 4)."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
     return _launch(x, weight, out, **launch)
 
