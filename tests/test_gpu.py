@@ -63,11 +63,11 @@ def test_kernels_match_pure_path(aim_b, reference, dtype):
 
 @pytest.mark.parametrize(
     ("batch", "form", "start"),
-    [(4, "recurrent", 0), (4, "dual", 0), (2, "recurrent", 0), (2, "recurrent", 1)],
+    [(4, "recurrent", 0), (4, "dual", 0), (1, "recurrent", 0), (1, "recurrent", 1)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, batch, form, start):
-    """The graph decoder (compiled step, Triton kernels, either cache form; at batch 2 the fused
+    """The graph decoder (compiled step, Triton kernels, either cache form; at batch 1 the fused
     step of ``FusedStep``) against the eager loop with the recurrent cache (mamba-ssm's step
     kernels where installed), from the start graph (no prefix) or an eager prefix pass."""
     model = aim_b.to(dtype)
@@ -88,7 +88,7 @@ def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, batch, 
     decoder = model.graph_decoder(batch, scale, 1.0, 0, 1.0)
     model.config.decode_cache = "auto"
     assert decoder.cache.form == form
-    assert (decoder.fused is not None) == (batch == 2)
+    assert (decoder.fused is not None) == (batch == 1)
     free = decoder.run(labels, codes[:, :start], uniforms[:, start:])  # compiles and captures
     assert torch.equal(free[:, :start], codes[:, :start])
     decoder.begin(labels, codes[:, :start], uniforms[:, start:])  # samples code start
@@ -107,9 +107,10 @@ def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, batch, 
     # a code differs only where a uniform falls within rounding of a CDF boundary. Random weights
     # give near-uniform distributions (about 6e-5 of mass per code), so bf16's ~1e-2 logit noise
     # moves many draws by a code or two: only float32 is expected to agree almost always (all but
-    # a few in a thousand: the fused step of batch 2 sums in another order, and moved 1 of 508).
+    # a few: the fused step sums in another order, and moved 1 draw of 508 at batch 2).
     if dtype == torch.float32:
-        assert agree / (batch * (256 - start)) > 0.995
+        draws = batch * (256 - start)
+        assert draws - agree <= max(3, draws // 200)
 
 
 def test_graph_decoder_is_reused_and_reproducible(aim_b):

@@ -84,19 +84,19 @@ triton_gemv.default_blocks = lambda *shape: (32, 64)  # few programs: the interp
 g = torch.Generator().manual_seed(0)
 device = "{device}"
 model = randomize(AiMForImageGeneration(tiny_config())).eval().to(device)
-assert FusedStep.supported(model, 4, "recurrent")
-assert not FusedStep.supported(model, 5, "recurrent") and not FusedStep.supported(model, 4, "dual")
-labels, codes = torch.tensor([0, 3, 4], device=device), torch.randint(0, 37, (3, 5), generator=g).to(device)
-caches = [AiMCache(model.config, 3, torch.float32, device, "recurrent") for _ in range(2)]
+assert FusedStep.supported(model, 2, "recurrent")
+assert not FusedStep.supported(model, 3, "recurrent") and not FusedStep.supported(model, 2, "dual")
+labels, codes = torch.tensor([0, 4], device=device), torch.randint(0, 37, (2, 5), generator=g).to(device)
+caches = [AiMCache(model.config, 2, torch.float32, device, "recurrent") for _ in range(2)]
 with torch.no_grad():
     _, groups, final = model.model.condition(labels)
     modulations = model.model.layer_modulations(groups)
-    fused = FusedStep(model, 3)
+    fused = FusedStep(model, 2)
     fused.prepare(modulations)
     for cache in caches:
         model.model(codes, labels, cache=cache)
     for t in range(5, 9):
-        token, position = torch.randint(0, 37, (3,), generator=g).to(device), torch.full((3,), t, device=device)
+        token, position = torch.randint(0, 37, (2,), generator=g).to(device), torch.full((2,), t, device=device)
         eager = model.model.step(token, position, modulations, final, caches[0])
         out = fused(model.model.embed(token, position), final, caches[1])
         assert rel(out, eager) < 1e-5, (t, rel(out, eager))

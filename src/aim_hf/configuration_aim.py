@@ -53,7 +53,7 @@ class AiMConfig(PretrainedConfig):
         use_mamba_kernels: use mamba-ssm / causal-conv1d kernels when installed and on CUDA.
         use_triton_kernels: on CUDA, decode with this package's Triton step kernels (triton_ssm:
             conv, recurrent and dual SSM updates); without them "auto" keeps the recurrent cache.
-        use_projection_kernels: on CUDA, decoding steps of up to 4 rows (batch 1-2 with guidance)
+        use_projection_kernels: on CUDA, decoding steps of up to 2 rows (batch 1 with guidance)
             run in_proj and out_proj as ``triton_gemv`` matrix-vector products instead of cuBLAS,
             and the CUDA-graph decoder runs them as ``fast_decode.FusedStep`` (four kernels a layer).
         use_cuda_graphs: on CUDA, generate with compiled blocks and one CUDA graph per step.

@@ -8,8 +8,8 @@ that block of the weights along the inputs one block ahead (each weight read onc
 products at the end, and there are enough programs (about six an SM) to keep every SM
 streaming. A program takes two rows (``rows_per_program``): one a program was 0.44 against 0.55
 of the bandwidth for AiM-XL's out_proj at 2 rows, and four a program spill registers. With programmatic dependent launch the first block is read
-while the previous kernel ends. For up to ``MAX_ROWS`` rows; more rows share each weight read
-better in cuBLAS.
+while the previous kernel ends. Used for up to ``MAX_ROWS`` rows; the kernel takes up to 4, but
+at 4 rows AiM-XL's step was faster with cuBLAS.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ try:
 except ImportError:
     TRITON_AVAILABLE = False
 
-MAX_ROWS = 4  # batch 1 or 2 with guidance
+MAX_ROWS = 2  # batch 1 with guidance; at 4 rows cuBLAS was faster for AiM-XL (BENCHMARKS.md)
 
 
 def default_blocks(row_groups: int, outputs: int, inputs: int) -> tuple[int, int]:
     """(outputs, inputs) per program: about six programs per SM of an H100 (132) over the
     ``row_groups`` (programs that share no rows) and a weight block of 4096 elements; fastest in
-    a decoding step of AiM-XL at 2 and 4 rows (BENCHMARKS.md)."""
+    a decoding step of AiM-XL at 2 rows (BENCHMARKS.md)."""
     block_n = max(2, min(32, 1 << (max(1, row_groups * outputs // 800).bit_length() - 1)))
     return block_n, max(64, min(4096 // block_n, 1 << (inputs - 1).bit_length()))
 
