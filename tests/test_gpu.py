@@ -93,6 +93,7 @@ def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, batch, 
     assert torch.equal(free[:, :start], codes[:, :start])
     decoder.begin(labels, codes[:, :start], uniforms[:, start:])  # samples code start
     graph_logits = [decoder.logits.clone()]
+    assert torch.equal(decoder.codes[:, start], sample_inverse_cdf(decoder.logits, uniforms[:, start]))
     agree = (
         (decoder.codes[:, start] == sample_inverse_cdf(eager[start].float(), uniforms[:, start])).sum().item()
     )

@@ -7,8 +7,9 @@ head, guidance, the filters and the draw, the write of the new code and the adva
 counter — is captured in a CUDA graph. The loop is then ``graph.replay()`` per code, with no
 host synchronisation. Without a prefix the first pass, the class token alone, is a step on an
 empty cache too, captured in a second graph with the generation's adaLN terms: an eager forward
-of 48 layers took longer on the host (88 ms for AiM-XL) than 60 steps on the GPU. A decoder is built once per batch shape and sampling setting and reused
-across calls, so only the first call pays for compilation and capture.
+of 48 layers took longer on the host (88 ms for AiM-XL) than 60 steps on the GPU. A decoder is
+built once per batch shape and sampling setting and reused across calls, so only the first call
+pays for compilation and capture.
 """
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ def compiled_block_step() -> Callable:
 
 
 class FusedStep:
-    """A decoding step of a few rows in four kernels a layer, for the recurrent cache with one SSM
-    group: in_proj with the residual stream's RMSNorm and adaLN folded in (``norm_linear``), the
-    conv step, the state update returning the gated norm's input times its weight and the norm's
-    statistic in parts (``ssm_update_gated``), and out_proj with that norm and the residual add
-    folded in (``norm_linear_residual``). The adaLN's shift and scale enter as
+    """A decoding step of up to two rows in four kernels a layer, for the recurrent cache with one
+    SSM group: in_proj with the residual stream's RMSNorm and adaLN folded in (``norm_linear``),
+    the conv step, the state update returning the gated norm's input times its weight and the
+    norm's statistic in parts (``ssm_update_gated``), and out_proj with that norm and the residual
+    add folded in (``norm_linear_residual``). The adaLN's shift and scale enter as
     ``u = norm weight * (1 + scale)`` and ``c = in_proj(shift)``, computed once per generation by
-    ``prepare``. Same values as ``AiMModel.step`` up to float32 rounding (the norms' inputs are
-    not rounded to bf16 here). On Hopper the four are launched early (programmatic dependent
+    ``prepare``. Same values as ``AiMModel.step`` up to float32 rounding (the residual stream's
+    norm input is not rounded to bf16 here). On Hopper the four are launched early (programmatic dependent
     launch): each reads its weights, and what kernels before the last one wrote, while the last
     one ends (``triton_ssm.pdl_launch``)."""
 
@@ -181,7 +182,7 @@ class CUDAGraphDecoder:
         self.final.copy_(final)
         if self.fused is not None:
             self.fused.prepare(self.modulations)
-        self.draw(self.hidden(c), self.cache.length.view(1))  # length is 1 after the step: code 0
+        self.draw(self.hidden(c), self.cache.length.new_zeros(1))  # code 0
 
     def capture(self) -> None:
         """Compile and warm up outside the graphs, then capture the step and the start."""

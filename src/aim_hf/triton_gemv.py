@@ -8,9 +8,9 @@ that block of the weights along the inputs one block ahead (each weight read onc
 products at the end, and there are enough programs (about six an SM) to keep every SM
 streaming. A program takes two rows (``rows_per_program``): one a program was 0.44 against 0.55
 of the bandwidth for AiM-XL's out_proj at 2 rows, and four a program made AiM-B's batch-2 step
-slower. With programmatic dependent launch the first block is read
-while the previous kernel ends. Used for up to ``MAX_ROWS`` rows; the kernel takes up to 4, but
-at 4 rows AiM-XL's step was faster with cuBLAS.
+slower. With programmatic dependent launch the first block is read while the previous kernel
+ends. Used for up to ``MAX_ROWS`` rows; the kernel takes up to 4, but at 4 rows AiM-XL's step was
+faster with cuBLAS.
 """
 
 from __future__ import annotations
