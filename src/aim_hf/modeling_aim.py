@@ -261,6 +261,7 @@ class AiMModel(AiMPreTrainedModel):
         return torch.arange(start + offset, start + offset + length, device=device)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of codes at positions (the class token has its own: ``condition``)."""
         return self.embed_tokens(tokens) + self.embed_positions(positions)
 
     def forward(
