@@ -6,7 +6,8 @@
 #   numerics    scripts/numerics.py: bf16 weights, bf16/fp32 state and the dual history vs float64
 #   kernels     scripts/benchmark_ssm_kernels.py: the SSM step kernels alone, both cache forms
 #   projections scripts/benchmark_projection_kernels.py: the batch-1/2 GEMVs against cuBLAS
-#   profile     scripts/profile_step.py for AiM-B batch 256 and AiM-XL batch 1
+#   profile     scripts/profile_step.py for AiM-B batch 256 and AiM-XL batch 1 (inside the graph),
+#               scripts/profile_generate.py (the class-token pass, the replays, the rest)
 #   training    scripts/benchmark_training.py: AiM-B/L, pure-PyTorch mixer vs mamba-ssm kernels
 #   ddp         tests/test_distributed.py on two GPUs with NCCL: DDP and FSDP (a two-GPU machine)
 # carry: .wheels (diffusers, datasets, dill, multiprocess wheels: the GPU image lacks them) and
@@ -47,7 +48,9 @@ for stage in "${@:-tests generation kernels profile training}"; do
         tail -30 "$out/projections.log" ;;
       profile)
         timeout 60 python3 scripts/profile_step.py --preset AiM-B --batch 256 --rows 25 >"$out/profile-b256.log" 2>&1
-        timeout 60 python3 scripts/profile_step.py --preset AiM-XL --batch 1 --rows 25 >"$out/profile-xl1.log" 2>&1 ;;
+        timeout 90 python3 scripts/profile_step.py --preset AiM-XL --batch 1 --graph --rows 12 >"$out/profile-xl1.log" 2>&1
+        timeout 90 python3 scripts/profile_generate.py --presets AiM-XL AiM-B >"$out/profile-generate.log" 2>&1
+        tail -14 "$out/profile-xl1.log"; tail -2 "$out/profile-generate.log" ;;
       training)
         timeout 330 python3 scripts/benchmark_training.py --json "$out/training.json" >"$out/training.log" 2>&1
         tail -8 "$out/training.log" ;;
