@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Everything this repository measures on a GPU machine, in as few calls as device time allows.
-# Results and logs go to $OUT. Stages (default: all, in this order):
-#   tests       the GPU tests (kernels, CUDA-graph decoder, memory split, Triton kernels)
+# Results and logs go to $OUT. Stages (default: kernel-tests tests generation kernels profile
+# training; kernel-tests + tests, and generation, each fill most of a 10-minute device call):
+#   kernel-tests the Triton kernels' GPU tests (conv/state/dual updates, GEMVs, the fused step; ~2 min)
+#   tests       the model's GPU tests (mamba-ssm kernels, the CUDA-graph decoder under teacher
+#               forcing from the start graph and a prefix, reuse, the memory split; ~6 min)
 #   generation  scripts/benchmark.py: AiM-B and AiM-XL, batch 1-256, both cache forms, eager baseline (~6 min)
 #   numerics    scripts/numerics.py: bf16 weights, bf16/fp32 state and the dual history vs float64
 #   kernels     scripts/benchmark_ssm_kernels.py: the SSM step kernels alone, both cache forms
@@ -25,12 +28,15 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 pytest=(python3 -m pytest -q -p no:cacheprovider -p no:logging)
-for stage in "${@:-tests generation kernels profile training}"; do
+for stage in "${@:-kernel-tests tests generation kernels profile training}"; do
   for s in $stage; do
     echo "== $s ($(date -u +%T))"
     case $s in
+      kernel-tests)
+        timeout 240 "${pytest[@]}" -m gpu tests/test_triton_ssm.py tests/test_triton_gemv.py >"$out/kernel-tests.log" 2>&1
+        tail -3 "$out/kernel-tests.log" ;;
       tests)
-        timeout 420 "${pytest[@]}" -m gpu tests/test_gpu.py tests/test_triton_ssm.py tests/test_triton_gemv.py >"$out/tests.log" 2>&1
+        timeout 480 "${pytest[@]}" -m gpu tests/test_gpu.py >"$out/tests.log" 2>&1
         tail -3 "$out/tests.log" ;;
       generation)
         timeout 480 python3 scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 32 64 256 \
