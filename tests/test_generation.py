@@ -79,6 +79,38 @@ def test_class_token_as_a_step_on_a_reset_cache_equals_the_forward(tiny_model, f
         assert rel_err(mine, seen) < RTOL, name
 
 
+@pytest.mark.parametrize("form", ["recurrent", "dual"])
+@pytest.mark.parametrize("start", [0, 5])
+def test_graph_decoder_logic_equals_the_eager_loop(tiny_model, monkeypatch, form, start):
+    """The CUDA-graph decoder's start, prefix pass and steps, run eagerly on the CPU (what its
+    graphs replay): the same codes as the eager loop with the same uniforms, in float64."""
+    from aim_hf import fast_decode
+    from aim_hf.modeling_aim import block_step
+
+    monkeypatch.setattr(fast_decode, "compiled_block_step", lambda: block_step)
+    g = torch.Generator().manual_seed(start)
+    labels, scale, n = torch.tensor([1, 4]), 2.0, tiny_model.config.num_tokens
+    uniforms = torch.rand(2, n, dtype=torch.float64, generator=g)
+    prefix = torch.randint(0, 37, (2, start), generator=g)
+
+    def choose(t, logits):
+        return sample_inverse_cdf(filter_logits(logits, 1.0, 0, 1.0), uniforms[:, t])
+
+    eager = tiny_model.decode(labels, prefix, scale, choose)
+    decoder = fast_decode.CUDAGraphDecoder(tiny_model, 2, scale, 1.0, 0, 1.0, form)
+    assert decoder.fused is None  # 4 rows: the compiled blocks
+    decoder.codes.fill_(-1)
+    if start == 0:  # what begin() does before replaying the start graph
+        decoder.labels.copy_(torch.cat([labels, torch.full_like(labels, tiny_model.config.null_class)]))
+        decoder.uniforms.copy_(uniforms)
+        decoder.start()
+    else:
+        decoder.begin(labels, prefix, uniforms[:, start:])
+    for _ in range(start + 1, n):
+        decoder.step()
+    assert torch.equal(decoder.codes, eager)
+
+
 def count_calls(monkeypatch, name: str) -> list[int]:
     """Counts the calls of ``aim_hf.mamba2.<name>`` (a one-element list, updated in place)."""
     import aim_hf.mamba2
