@@ -39,6 +39,7 @@ def time_projection(
     ]
     stream = torch.randn(rows, width, device="cuda")  # float32 input of the folded norms
     scale, other = torch.randn(rows, width, device="cuda"), torch.randn(rows, n, device="cuda")
+    squares = stream.pow(2).view(rows, -1, 64).sum(-1)  # the statistic in parts, as ssm_update_gated gives it
     runs = [("cuBLAS", lambda weight: F.linear(x, weight))]
     for block_n, block_k, warps, pdl, rows_per_program in itertools.product(
         args.block_n, args.block_k, args.num_warps, args.pdl, args.rows_per_program
@@ -51,7 +52,6 @@ def time_projection(
         if name == "in_proj":  # norm_linear: the norm and adaLN folded in
             fused = functools.partial(norm_linear, stream, scale, other, eps=1e-5, **launch)
         else:  # norm_linear_residual: the gated norm and the residual add folded in
-            squares = stream.pow(2).view(rows, -1, 64).sum(-1)  # in parts, as ssm_update_gated gives it
             fused = functools.partial(norm_linear_residual, x, squares, residual=other, gate=other, eps=1e-5, **launch)  # fmt: skip
         runs.append(({"folded norm": True, **launch}, fused))
     results = []

@@ -1,6 +1,7 @@
 """Cached decoding, guidance, sampling filters, reproducibility and completion."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -100,12 +101,8 @@ def test_graph_decoder_logic_equals_the_eager_loop(tiny_model, monkeypatch, form
     decoder = fast_decode.CUDAGraphDecoder(tiny_model, 2, scale, 1.0, 0, 1.0, form)
     assert decoder.fused is None  # 4 rows: the compiled blocks
     decoder.codes.fill_(-1)
-    if start == 0:  # what begin() does before replaying the start graph
-        decoder.labels.copy_(torch.cat([labels, torch.full_like(labels, tiny_model.config.null_class)]))
-        decoder.uniforms.copy_(uniforms)
-        decoder.start()
-    else:
-        decoder.begin(labels, prefix, uniforms[:, start:])
+    decoder.start_graph = types.SimpleNamespace(replay=decoder.start)  # what the start graph replays
+    decoder.begin(labels, prefix, uniforms[:, start:])
     for _ in range(start + 1, n):
         decoder.step()
     assert torch.equal(decoder.codes, eager)

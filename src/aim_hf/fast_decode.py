@@ -205,8 +205,7 @@ class CUDAGraphDecoder:
         replay of the start graph for an empty prefix, else an eager pass (the prefix length
         varies: not captured)."""
         start = prefix.shape[1]
-        if self.guided:
-            labels = torch.cat([labels, torch.full_like(labels, self.model.config.null_class)])
+        labels = self.model.guided_labels(labels) if self.guided else labels
         self.uniforms[:, start:] = uniforms
         self.codes[:, :start] = prefix
         if start == 0:

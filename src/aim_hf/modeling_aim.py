@@ -554,6 +554,10 @@ class AiMForImageGeneration(AiMPreTrainedModel):
             self._graph_decoder = decoder
         return decoder
 
+    def guided_labels(self, class_labels: torch.Tensor) -> torch.Tensor:
+        """The rows of classifier-free guidance: [conditional; unconditional (the null class)]."""
+        return torch.cat([class_labels, torch.full_like(class_labels, self.config.null_class)])
+
     @torch.no_grad()
     def decode(
         self,
@@ -569,9 +573,8 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         config = self.config
         batch, start = prefix.shape
         guided = guidance_scale != 1.0
-        labels = class_labels
-        if guided:  # [conditional; unconditional] halves, both fed the same codes
-            labels = torch.cat([labels, torch.full_like(labels, config.null_class)])
+        labels = self.guided_labels(class_labels) if guided else class_labels
+        if guided:  # both halves are fed the same codes
             prefix = prefix.repeat(2, 1)
         device = prefix.device
         cache = AiMCache(config, labels.numel(), self.dtype, device, self.cache_form(labels.numel(), device))
