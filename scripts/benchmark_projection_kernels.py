@@ -41,12 +41,12 @@ def time_projection(
     scale, other = torch.randn(rows, width, device="cuda"), torch.randn(rows, n, device="cuda")
     squares = stream.pow(2).view(rows, -1, 64).sum(-1)  # the statistic in parts, as ssm_update_gated gives it
     runs = [("cuBLAS", lambda weight: F.linear(x, weight))]
-    for block_n, block_k, warps, pdl, rows_per_program in itertools.product(
-        args.block_n, args.block_k, args.num_warps, args.pdl, args.rows_per_program
+    for block_n, block_k, warps, stages, pdl, rows_per_program in itertools.product(
+        args.block_n, args.block_k, args.num_warps, args.stages, args.pdl, args.rows_per_program
     ):
         launch = {
-            "block_n": block_n or None, "block_k": block_k or None, "num_warps": warps, "pdl": pdl,
-            "rows_per_program": rows_per_program,
+            "block_n": block_n or None, "block_k": block_k or None, "num_warps": warps or None,
+            "stages": None if stages < 0 else stages, "pdl": pdl, "rows_per_program": rows_per_program,
         }  # fmt: skip
         runs.append((launch, functools.partial(linear, x, **launch)))
         if name == "in_proj":  # norm_linear: the norm and adaLN folded in
@@ -83,7 +83,11 @@ def main() -> None:
     )
     parser.add_argument("--block-n", nargs="+", type=int, default=[0, 2, 4, 8, 16], help="0: the default")
     parser.add_argument("--block-k", nargs="+", type=int, default=[0, 512], help="0: the default")
-    parser.add_argument("--num-warps", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--num-warps", nargs="+", type=int, default=[0], help="0: the default")
+    parser.add_argument(
+        "--stages", nargs="+", type=int, default=[-1],
+        help="-1: the default; 0: one block ahead by hand; 2 or more: Triton's pipeline",
+    )  # fmt: skip
     parser.add_argument(
         "--pdl",
         nargs="+",

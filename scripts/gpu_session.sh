@@ -49,7 +49,7 @@ for stage in "${@:-kernel-tests tests generation kernels profile training}"; do
         timeout 120 python3 scripts/benchmark_ssm_kernels.py --json "$out/ssm_kernels.json" >"$out/ssm_kernels.log" 2>&1
         tail -30 "$out/ssm_kernels.log" ;;
       projections)
-        timeout 300 python3 scripts/benchmark_projection_kernels.py --rows 2 --block-n 0 4 --block-k 0 --num-warps 4 \
+        timeout 300 python3 scripts/benchmark_projection_kernels.py --rows 2 --block-n 0 4 --block-k 0 \
           --json "$out/projections.json" >"$out/projections.log" 2>&1
         tail -30 "$out/projections.log" ;;
       profile)

@@ -25,7 +25,9 @@ device = "{device}"
 for m, k, n, dtype, blocks in [(2, 96, 200, torch.float32, {{}}), (3, 160, 70, torch.bfloat16, {{}}),
                                (4, 300, 33, torch.float32, {{}}), (1, 160, 40, torch.float32, dict(block_n=16, block_k=64)),
                                (3, 96, 50, torch.float32, dict(rows_per_program=1)),
-                               (3, 96, 50, torch.float32, dict(rows_per_program=4))]:
+                               (3, 96, 50, torch.float32, dict(rows_per_program=4)),
+                               (2, 300, 70, torch.float32, dict(block_k=64, stages=3)),
+                               (2, 300, 70, torch.float32, dict(block_k=64, stages=0, num_warps=2))]:
     wide = torch.randn(m, 2 * k, generator=g).to(device, dtype)
     x = wide[:, ::2]  # a strided view, like the mixer's inputs
     weight = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
@@ -80,7 +82,7 @@ from aim_hf.modeling_aim import AiMCache
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
-triton_gemv.default_blocks = lambda *shape: (32, 64)  # few programs: the interpreter runs them one by one
+triton_gemv.default_launch = lambda *shape: dict(block_n=32, block_k=64, stages=0, num_warps=4)  # few programs: the interpreter runs them one by one
 g = torch.Generator().manual_seed(0)
 device = "{device}"
 model = randomize(AiMForImageGeneration(tiny_config())).eval().to(device)

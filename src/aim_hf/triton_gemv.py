@@ -4,16 +4,20 @@ with the RMSNorm before it and the residual add after it folded in.
 At batch 1 (2 rows with guidance) a step reads each layer's weights once; cuBLAS runs AiM-XL's
 out_proj as a split-K product and a reduction, two launches at about 0.36 of the memory bandwidth
 (BENCHMARKS.md). Here one launch: a program owns a block of a few outputs for every row, streams
-that block of the weights along the inputs one block ahead (each weight read once) and sums the
-products at the end, and there are enough programs (about six an SM) to keep every SM
-streaming. A program takes two rows (``rows_per_program``): one a program was 0.44 against 0.55
-of the bandwidth for AiM-XL's out_proj at 2 rows, and four a program made AiM-B's batch-2 step
-slower. With programmatic dependent launch the first block is read while the previous kernel
-ends. Used for up to ``MAX_ROWS`` rows; the kernel takes up to 4, but at 4 rows AiM-XL's step was
-faster with cuBLAS.
+that block of the weights along the inputs (each weight read once) and sums the products at the
+end. A kernel this short is bound by how many loads are in flight, not by arithmetic: a program
+keeps one block ahead by hand (its first read before the previous kernel ends, with
+programmatic dependent launch), or two ahead through Triton's software pipeline in shared memory,
+which frees the registers that limited how many programs an SM holds (``default_launch`` picks,
+by the projection's shape). A program takes two rows (``rows_per_program``): one a program was
+0.44 against 0.55 of the bandwidth for AiM-XL's out_proj at 2 rows, and four a program made
+AiM-B's batch-2 step slower. Used for up to ``MAX_ROWS`` rows; the kernel takes up to 4, but at
+4 rows AiM-XL's step was faster with cuBLAS.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,12 +34,22 @@ except ImportError:
 MAX_ROWS = 2  # batch 1 with guidance; at 4 rows cuBLAS was faster for AiM-XL (BENCHMARKS.md)
 
 
-def default_blocks(row_groups: int, outputs: int, inputs: int) -> tuple[int, int]:
-    """(outputs, inputs) per program: about six programs per SM of an H100 (132) over the
-    ``row_groups`` (programs that share no rows) and a weight block of 4096 elements; fastest in
-    a decoding step of AiM-XL at 2 rows (BENCHMARKS.md)."""
-    block_n = max(2, min(32, 1 << (max(1, row_groups * outputs // 800).bit_length() - 1)))
-    return block_n, max(64, min(4096 // block_n, 1 << (inputs - 1).bit_length()))
+def default_launch(row_groups: int, outputs: int, inputs: int) -> dict[str, int]:
+    """Blocks, pipeline and warps for a projection of this shape, fastest in decoding steps of
+    every preset at 2 rows on an H100 (BENCHMARKS.md). One that widens (in_proj) gets about 800
+    programs (over the ``row_groups``, programs that share no rows) of one warp, streaming blocks
+    of 256 inputs through Triton's pipeline, two ahead; one that narrows (out_proj) about 400
+    programs of two warps with blocks of 1024 inputs, one ahead by hand. Fewer, larger programs
+    for in_proj, or the pipeline for out_proj, were 4-30% slower end to end."""
+    widens = outputs >= inputs
+    programs, block_k = (800, 256) if widens else (400, 1024)
+    block_n = 1 << max(1, min(5, round(math.log2(max(1.0, row_groups * outputs / programs)))))
+    return {
+        "block_n": block_n,
+        "block_k": min(block_k, 1 << (inputs - 1).bit_length()),
+        "stages": 3 if widens else 0,
+        "num_warps": 1 if widens else 2,
+    }
 
 
 if TRITON_AVAILABLE:
@@ -46,6 +60,7 @@ if TRITON_AVAILABLE:
         x_m, x_k, u_m, u_k, w_n, w_k, c_m, c_n, r_m, r_n, g_m, g_n, sq_m, o_m, o_n,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
         NORM: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+        STAGES: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,9 +68,10 @@ if TRITON_AVAILABLE:
         r, c = rows[:, None], n[None, :]  # a (rows x outputs) tile
         outputs = (r < M) & (c < N)
         w_block = w_ptr + n[:, None] * w_n + k[None, :] * w_k
-        w = tl.load(w_block, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
-        # Before the wait (PDL): the first block of weights and the epilogue's operands, written two
-        # or more kernels earlier (see triton_ssm.pdl_launch).
+        if STAGES == 0:  # one block ahead by hand, the first before the wait; else Triton's pipeline
+            w = tl.load(w_block, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
+        # Before the wait (PDL): the first block of weights (by hand) and the epilogue's operands,
+        # written two or more kernels earlier (see triton_ssm.pdl_launch).
         if BIAS:
             bias = tl.load(c_ptr + r * c_m + c * c_n, mask=outputs, other=0.0).to(tl.float32)
         if RESIDUAL:
@@ -66,10 +82,13 @@ if TRITON_AVAILABLE:
             tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once, after the loop
         squares = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
-        for start in range(0, K, BLOCK_K):
+        for start in tl.range(0, K, BLOCK_K, num_stages=max(STAGES, 1)):
             k = start + tl.arange(0, BLOCK_K)
-            following = (n < N)[:, None] & (k + BLOCK_K < K)[None, :]
-            w_next = tl.load(w_block + (start + BLOCK_K) * w_k, mask=following, other=0.0)  # one block ahead
+            if STAGES == 0:
+                following = (n < N)[:, None] & (k + BLOCK_K < K)[None, :]
+                w_next = tl.load(w_block + (start + BLOCK_K) * w_k, mask=following, other=0.0)
+            else:
+                w = tl.load(w_block + start * w_k, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
             inputs = (r < M) & (k < K)[None, :]
             x = tl.load(x_ptr + r * x_m + k[None, :] * x_k, mask=inputs, other=0.0).to(tl.float32)
             if NORM and PARTS == 0:  # the rows' statistic from the same reads as the products
@@ -77,7 +96,8 @@ if TRITON_AVAILABLE:
             if SCALE:
                 x *= tl.load(u_ptr + r * u_m + k[None, :] * u_k, mask=inputs, other=0.0).to(tl.float32)
             acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
-            w = w_next
+            if STAGES == 0:
+                w = w_next
         out = tl.sum(acc, axis=2)
         if NORM:  # the norm's 1/rms is a per-row factor: applied to the products, not the inputs
             if PARTS:  # the statistic summed from the parts the previous kernel wrote
@@ -110,7 +130,8 @@ def _launch(
     eps: float | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
+    stages: int | None = None,
     pdl: bool = False,
     rows_per_program: int = 2,
 ) -> torch.Tensor:
@@ -119,11 +140,11 @@ def _launch(
     if rows_per_program not in (1, 2, 4):
         raise ValueError(f"rows_per_program must be 1, 2 or 4, got {rows_per_program!r}")
     rows = min(rows_per_program, triton.next_power_of_2(m))
-    default_n, default_k = default_blocks(triton.cdiv(m, rows), n, k)
-    block_n, block_k = block_n or default_n, block_k or default_k
+    given = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "stages": stages}
+    launch = default_launch(triton.cdiv(m, rows), n, k) | {key: v for key, v in given.items() if v is not None}
     scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
     unread = x  # placeholder for the pointers a launch does not read
-    _gemv_kernel[(triton.cdiv(m, rows), triton.cdiv(n, block_n))](
+    _gemv_kernel[(triton.cdiv(m, rows), triton.cdiv(n, launch["block_n"]))](
         x, unread if scale is None else scale, weight, unread if bias is None else bias,
         unread if residual is None else residual, unread if gate is None else gate,
         unread if squares is None else squares, out,
@@ -133,9 +154,10 @@ def _launch(
         *(out.stride() if residual is None else residual.stride()),
         *(out.stride() if gate is None else gate.stride()), 0 if squares is None else squares.stride(0),
         *out.stride(),
-        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
+        ROWS=rows, BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"],
         PARTS=0 if squares is None else triton.next_power_of_2(squares.shape[1]), NORM=eps is not None, SCALE=scale is not None,
-        BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl, num_warps=num_warps,
+        BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl,
+        STAGES=launch["stages"], num_warps=launch["num_warps"],
         **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip
     return out
@@ -144,8 +166,9 @@ def _launch(
 def linear(x: torch.Tensor, weight: torch.Tensor, **launch) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias) for x (m, k) with m <= ``MAX_ROWS``, summed in float32 and
     rounded once to the weight's dtype, as cuBLAS does. ``launch``: ``block_n``, ``block_k``,
-    ``num_warps`` (default: ``default_blocks``), ``pdl`` (``pdl_supported``: the weights' first
-    block is read while the previous kernel finishes) and ``rows_per_program`` (1, 2 or 4)."""
+    ``num_warps`` and ``stages`` (0: one block ahead by hand; 2 or more: Triton's pipeline; the
+    default of each from ``default_launch``), ``pdl`` (``pdl_supported``: launched while the previous
+    kernel finishes) and ``rows_per_program`` (1, 2 or 4)."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
     return _launch(x, weight, out, **launch)
 
