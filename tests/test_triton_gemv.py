@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 CHECK = """
 import torch
 import torch.nn.functional as F
+from aim_hf.mamba2 import conv_step
 from aim_hf.triton_gemv import linear, norm_linear, norm_linear_residual
 
 def rel(a, b):
@@ -44,6 +45,15 @@ for m, k, n, dtype, blocks in [(2, 96, 200, torch.float32, {{}}), (3, 160, 70, t
     ref = (normed * scale.double()) @ weight.double().T + bias.double()
     out = norm_linear(stream, scale, bias, weight, 1e-5, **blocks)
     assert out.dtype == dtype and rel(out, ref) < tol, ("norm_linear", m, k, n, dtype, rel(out, ref))
+    # and the conv step folded in for outputs first..first+channels (conv_step on the rounded outputs)
+    first, channels = n // 4, n // 2
+    window = torch.randn(m, channels, 4, generator=g).to(device, dtype)
+    taps, tap_bias = torch.randn(channels, 4, generator=g).to(device, dtype), torch.randn(channels, generator=g).to(device, dtype)
+    expected_window = window.clone()
+    ref = norm_linear(stream, scale, bias, weight, 1e-5, **blocks)
+    ref[:, first:first + channels] = conv_step(ref[:, first:first + channels], expected_window, taps, tap_bias)
+    out = norm_linear(stream, scale, bias, weight, 1e-5, (window, taps, tap_bias, first), **blocks)
+    assert rel(out, ref) < tol and rel(window, expected_window) < tol, ("conv", m, k, n, dtype, rel(out, ref), rel(window, expected_window))
     vector, residual, gate = scale[0], torch.randn(m, n, generator=g).to(device), bias
     ref = residual.double() + gate.double() * ((normed * vector.double()) @ weight.double().T)
     squares = torch.stack([part.pow(2).sum(-1) for part in stream.chunk(3, dim=-1)], -1)  # the statistic in 3 parts

@@ -36,15 +36,15 @@ def compiled_block_step() -> Callable:
 
 
 class FusedStep:
-    """A decoding step of up to two rows in four kernels a layer, for the recurrent cache with one
-    SSM group: in_proj with the residual stream's RMSNorm and adaLN folded in (``norm_linear``),
-    the conv step, the state update returning the gated norm's input times its weight and the
-    norm's statistic in parts (``ssm_update_gated``), and out_proj with that norm and the residual
-    add folded in (``norm_linear_residual``). The adaLN's shift and scale enter as
+    """A decoding step of up to two rows in three kernels a layer, for the recurrent cache with one
+    SSM group: in_proj with the residual stream's RMSNorm and adaLN before it and the conv step
+    after it folded in (``norm_linear``), the state update returning the gated norm's input times
+    its weight and the norm's statistic in parts (``ssm_update_gated``), and out_proj with that
+    norm and the residual add folded in (``norm_linear_residual``). The adaLN's shift and scale enter as
     ``u = norm weight * (1 + scale)`` and ``c = in_proj(shift)``, computed once per generation by
     ``prepare``. Same values as ``AiMModel.step`` up to float32 rounding (the residual stream's
-    norm input is not rounded to bf16 here). On Hopper the four are launched early (programmatic dependent
-    launch): each reads its weights, and what kernels before the last one wrote, while the last
+    norm input is not rounded to bf16 here). On Hopper the three are launched early (programmatic
+    dependent launch): each reads its weights, and what kernels before the last one wrote, while the last
     one ends (``triton_ssm.pdl_launch``)."""
 
     def __init__(self, model: AiMForImageGeneration, rows: int):
@@ -84,13 +84,11 @@ class FusedStep:
         stream = inputs_embeds.float()
         for i, layer in enumerate(model.layers):
             mixer, layer_cache = layer.mixer, cache.layer(i)
+            conv = (layer_cache.conv, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.d_inner)
             zxbcdt = triton_gemv.norm_linear(
-                stream, self.scales[i], self.shifts[i], mixer.in_proj.weight, layer.norm.eps, pdl=pdl
+                stream, self.scales[i], self.shifts[i], mixer.in_proj.weight, layer.norm.eps, conv, pdl=pdl
             )
-            z, xbc, dt = mixer._split(zxbcdt)
-            xbc = triton_ssm.conv_update(
-                xbc, layer_cache.conv, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, pdl=pdl
-            )
+            z, xbc, dt = mixer._split(zxbcdt)  # xbc convolved
             x, B, C = mixer._split_xbc(xbc)
             gated, squares = triton_ssm.ssm_update_gated(
                 layer_cache.state, x, dt, mixer.dt_bias, mixer.A_log, B, C, mixer.D, z.unflatten(-1, x.shape[1:]),

@@ -58,9 +58,10 @@ if TRITON_AVAILABLE:
     def _gemv_kernel(
         x_ptr, u_ptr, w_ptr, c_ptr, res_ptr, gate_ptr, sq_ptr, out_ptr, M, N, K, eps, parts,
         x_m, x_k, u_m, u_k, w_n, w_k, c_m, c_n, r_m, r_n, g_m, g_n, sq_m, o_m, o_n,
+        win_ptr, tap_ptr, tb_ptr, first, channels, v_b, v_c, v_k, t_c, t_k,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
         NORM: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-        STAGES: tl.constexpr,
+        STAGES: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr, TAP_BIAS: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,6 +78,16 @@ if TRITON_AVAILABLE:
         if RESIDUAL:
             gate = tl.load(gate_ptr + r * g_m + c * g_n, mask=outputs, other=0.0).to(tl.float32)
             residual = tl.load(res_ptr + r * r_m + c * r_n, mask=outputs, other=0.0).to(tl.float32)
+        if TAPS:  # the conv's window (rows, outputs, taps) of the channels among these outputs
+            conv = (n >= first) & (n < first + channels)
+            j = tl.where(conv, n - first, 0)
+            t = tl.arange(0, BLOCK_T)[None, None, :]
+            in_window = ((r < M) & conv[None, :])[:, :, None] & (t < TAPS)
+            window = win_ptr + r[:, :, None].to(tl.int64) * v_b + j[None, :, None] * v_c + t * v_k
+            older = tl.load(window + v_k, mask=in_window & (t < TAPS - 1), other=0.0)
+            taps = tl.load(tap_ptr + j[None, :, None] * t_c + t * t_k, mask=in_window, other=0.0).to(tl.float32)
+            if TAP_BIAS:
+                tap_bias = tl.load(tb_ptr + j[None, :], mask=conv[None, :], other=0.0).to(tl.float32)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -110,6 +121,15 @@ if TRITON_AVAILABLE:
             out += bias
         if RESIDUAL:
             out = residual + gate * out
+        if TAPS:  # the conv step and its SiLU on the rounded outputs, as conv_update on in_proj's
+            newest = out.to(out_ptr.dtype.element_ty).to(win_ptr.dtype.element_ty)
+            window_values = tl.where(t == TAPS - 1, newest[:, :, None], older)
+            tl.debug_barrier()  # every read of the old window before any write of the new one
+            tl.store(window, window_values, mask=in_window)
+            conv_out = tl.sum(window_values.to(tl.float32) * taps, axis=2)
+            if TAP_BIAS:
+                conv_out += tap_bias
+            out = tl.where(conv[None, :], conv_out / (1.0 + tl.exp(-conv_out)), out)
         tl.store(out_ptr + r * o_m + c * o_n, out.to(out_ptr.dtype.element_ty), mask=outputs)
 
 
@@ -134,6 +154,7 @@ def _launch(
     stages: int | None = None,
     pdl: bool = False,
     rows_per_program: int = 2,
+    conv: tuple | None = None,
 ) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
@@ -144,6 +165,7 @@ def _launch(
     launch = default_launch(triton.cdiv(m, rows), n, k) | {key: v for key, v in given.items() if v is not None}
     scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
     unread = x  # placeholder for the pointers a launch does not read
+    window, taps, tap_bias, first = conv if conv is not None else (unread, unread, None, 0)
     _gemv_kernel[(triton.cdiv(m, rows), triton.cdiv(n, launch["block_n"]))](
         x, unread if scale is None else scale, weight, unread if bias is None else bias,
         unread if residual is None else residual, unread if gate is None else gate,
@@ -154,10 +176,14 @@ def _launch(
         *(out.stride() if residual is None else residual.stride()),
         *(out.stride() if gate is None else gate.stride()), 0 if squares is None else squares.stride(0),
         *out.stride(),
+        window, taps, unread if tap_bias is None else tap_bias, first, taps.shape[0] if conv else 0,
+        *(window.stride() if conv else (0, 0, 0)), *(taps.stride() if conv else (0, 0)),
         ROWS=rows, BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"],
         PARTS=0 if squares is None else triton.next_power_of_2(squares.shape[1]), NORM=eps is not None, SCALE=scale is not None,
         BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl,
         STAGES=launch["stages"], num_warps=launch["num_warps"],
+        TAPS=window.shape[-1] if conv else 0, BLOCK_T=triton.next_power_of_2(window.shape[-1]) if conv else 1,
+        TAP_BIAS=tap_bias is not None,
         **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip
     return out
@@ -174,14 +200,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, **launch) -> torch.Tensor:
 
 
 def norm_linear(
-    x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, eps: float, **launch
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    conv: tuple | None = None,
+    **launch,
 ) -> torch.Tensor:
     """``rmsnorm(x) * scale`` through ``weight``, plus ``bias``, in one pass over x: in_proj of
     ``modulate(rmsnorm(x) * norm_weight, shift, scale)`` with ``scale = norm_weight * (1 + scale)``
     and ``bias = in_proj(shift)``, both fixed for a generation. x (m, k) float32; scale (m, k)
-    or (k,); bias (m, n); the output in the weight's dtype."""
+    or (k,); bias (m, n); the output in the weight's dtype.
+
+    ``conv = (window, taps, tap_bias, first)``: the outputs ``first`` to ``first + channels`` also
+    take the depthwise conv step and SiLU (``mamba2.conv_step``: window (m, channels, width)
+    updated in place, taps (channels, width), tap_bias (channels,) or None), so that in_proj's
+    xBC comes out convolved and the conv needs no kernel of its own."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
-    return _launch(x, weight, out, scale=scale, bias=bias, eps=eps, **launch)
+    return _launch(x, weight, out, scale=scale, bias=bias, eps=eps, conv=conv, **launch)
 
 
 def norm_linear_residual(
