@@ -34,13 +34,15 @@ except ImportError:
 MAX_ROWS = 2  # batch 1 with guidance; at 4 rows cuBLAS was faster for AiM-XL (BENCHMARKS.md)
 
 
-def default_launch(row_groups: int, outputs: int, inputs: int) -> dict[str, int]:
-    """Blocks, pipeline and warps for a projection of this shape, fastest in decoding steps of
-    every preset at 2 rows on an H100 (BENCHMARKS.md). One that widens (in_proj) gets about 800
-    programs (over the ``row_groups``, programs that share no rows) of one warp, streaming blocks
-    of 256 inputs through Triton's pipeline, two ahead; one that narrows (out_proj) about 400
-    programs of two warps with blocks of 1024 inputs, one ahead by hand. Fewer, larger programs
-    for in_proj, or the pipeline for out_proj, were 4-30% slower end to end."""
+def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
+    """Blocks, pipeline, warps and when the next kernel may launch, for a projection of this shape:
+    fastest in decoding steps of AiM-B, -L, -XL and -1B at 2 rows on an H100 (BENCHMARKS.md). One
+    that widens (in_proj) gets about 800 programs (over the ``row_groups``, programs that share no
+    rows) of one warp, streaming blocks of 256 inputs through Triton's pipeline, two ahead; one
+    that narrows (out_proj) about 400 programs of two warps with blocks of 1024 inputs, one ahead
+    by hand. ``early``: the next kernel (PDL) may launch as soon as this one starts, else when its
+    products are summed; early paid for in_proj below 8M weights (its state update then reads the
+    state sooner) and cost elsewhere (the waiting programs hold SM slots this one needs)."""
     widens = outputs >= inputs
     programs, block_k = (800, 256) if widens else (400, 1024)
     block_n = 1 << max(1, min(5, round(math.log2(max(1.0, row_groups * outputs / programs)))))
@@ -49,6 +51,7 @@ def default_launch(row_groups: int, outputs: int, inputs: int) -> dict[str, int]
         "block_k": min(block_k, 1 << (inputs - 1).bit_length()),
         "stages": 3 if widens else 0,
         "num_warps": 1 if widens else 2,
+        "early": widens and outputs * inputs < 8_000_000,
     }
 
 
@@ -61,7 +64,7 @@ if TRITON_AVAILABLE:
         win_ptr, tap_ptr, tb_ptr, first, channels, v_b, v_c, v_k, t_c, t_k,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
         NORM: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-        STAGES: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr, TAP_BIAS: tl.constexpr,
+        STAGES: tl.constexpr, EARLY: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr, TAP_BIAS: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,7 +93,8 @@ if TRITON_AVAILABLE:
                 tap_bias = tl.load(tb_ptr + j[None, :], mask=conv[None, :], other=0.0).to(tl.float32)
         if PDL:
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            if EARLY:
+                tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once, after the loop
         squares = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
         for start in tl.range(0, K, BLOCK_K, num_stages=max(STAGES, 1)):
@@ -109,11 +113,13 @@ if TRITON_AVAILABLE:
             acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
             if STAGES == 0:
                 w = w_next
+        if PDL and not EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
         out = tl.sum(acc, axis=2)
         if NORM:  # the norm's 1/rms is a per-row factor: applied to the products, not the inputs
             if PARTS:  # the statistic summed from the parts the previous kernel wrote
-                j = tl.arange(0, PARTS)[None, :]
-                total = tl.sum(tl.load(sq_ptr + r * sq_m + j, mask=(r < M) & (j < parts), other=0.0), axis=1)
+                part = tl.arange(0, PARTS)[None, :]
+                total = tl.sum(tl.load(sq_ptr + r * sq_m + part, mask=(r < M) & (part < parts), other=0.0), axis=1)
             else:
                 total = tl.sum(squares, axis=1)
             out = out / tl.sqrt(total / K + eps)[:, None]
@@ -121,7 +127,7 @@ if TRITON_AVAILABLE:
             out += bias
         if RESIDUAL:
             out = residual + gate * out
-        if TAPS:  # the conv step and its SiLU on the rounded outputs, as conv_update on in_proj's
+        if TAPS:  # the conv step and its SiLU, on the outputs rounded to their dtype (as conv_step)
             newest = out.to(out_ptr.dtype.element_ty).to(win_ptr.dtype.element_ty)
             window_values = tl.where(t == TAPS - 1, newest[:, :, None], older)
             tl.debug_barrier()  # every read of the old window before any write of the new one
@@ -154,6 +160,7 @@ def _launch(
     stages: int | None = None,
     pdl: bool = False,
     rows_per_program: int = 2,
+    early: bool | None = None,
     conv: tuple | None = None,
 ) -> torch.Tensor:
     m, k = x.shape
@@ -161,7 +168,7 @@ def _launch(
     if rows_per_program not in (1, 2, 4):
         raise ValueError(f"rows_per_program must be 1, 2 or 4, got {rows_per_program!r}")
     rows = min(rows_per_program, triton.next_power_of_2(m))
-    given = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "stages": stages}
+    given = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "stages": stages, "early": early}
     launch = default_launch(triton.cdiv(m, rows), n, k) | {key: v for key, v in given.items() if v is not None}
     scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
     unread = x  # placeholder for the pointers a launch does not read
@@ -183,7 +190,7 @@ def _launch(
         BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl,
         STAGES=launch["stages"], num_warps=launch["num_warps"],
         TAPS=window.shape[-1] if conv else 0, BLOCK_T=triton.next_power_of_2(window.shape[-1]) if conv else 1,
-        TAP_BIAS=tap_bias is not None,
+        TAP_BIAS=tap_bias is not None, EARLY=launch["early"],
         **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip
     return out
@@ -192,9 +199,9 @@ def _launch(
 def linear(x: torch.Tensor, weight: torch.Tensor, **launch) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias) for x (m, k) with m <= ``MAX_ROWS``, summed in float32 and
     rounded once to the weight's dtype, as cuBLAS does. ``launch``: ``block_n``, ``block_k``,
-    ``num_warps`` and ``stages`` (0: one block ahead by hand; 2 or more: Triton's pipeline; the
-    default of each from ``default_launch``), ``pdl`` (``pdl_supported``: launched while the previous
-    kernel finishes) and ``rows_per_program`` (1, 2 or 4)."""
+    ``num_warps``, ``stages`` (0: one block ahead by hand; 2 or more: Triton's pipeline) and
+    ``early`` (the default of each from ``default_launch``), ``pdl`` (``pdl_supported``: launched
+    while the previous kernel finishes) and ``rows_per_program`` (1, 2 or 4)."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
     return _launch(x, weight, out, **launch)
 
