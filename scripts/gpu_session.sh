@@ -2,7 +2,7 @@
 # Everything this repository measures on a GPU machine, in as few calls as device time allows.
 # Results and logs go to $OUT. Stages (default: kernel-tests tests generation kernels profile
 # training; kernel-tests + tests, and generation, each fill most of a 10-minute device call):
-#   kernel-tests the Triton kernels' GPU tests (conv/state/dual updates, GEMVs, the fused step; ~2 min)
+#   kernel-tests the Triton kernels' GPU tests (conv/state/dual updates, GEMVs, the fused step, the draw; ~2 min)
 #   tests       the model's GPU tests (mamba-ssm kernels, the CUDA-graph decoder under teacher
 #               forcing from the start graph and a prefix, reuse, the memory split; ~6 min)
 #   generation  scripts/benchmark.py: AiM-B and AiM-XL, batch 1-256, both cache forms, eager baseline (~6 min)
@@ -33,7 +33,7 @@ for stage in "${@:-kernel-tests tests generation kernels profile training}"; do
     echo "== $s ($(date -u +%T))"
     case $s in
       kernel-tests)
-        timeout 240 "${pytest[@]}" -m gpu tests/test_triton_ssm.py tests/test_triton_gemv.py >"$out/kernel-tests.log" 2>&1
+        timeout 240 "${pytest[@]}" -m gpu tests/test_triton_ssm.py tests/test_triton_gemv.py tests/test_triton_sampling.py >"$out/kernel-tests.log" 2>&1
         tail -3 "$out/kernel-tests.log" ;;
       tests)
         timeout 480 "${pytest[@]}" -m gpu tests/test_gpu.py >"$out/tests.log" 2>&1

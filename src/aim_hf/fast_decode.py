@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import triton_gemv, triton_ssm
+from . import triton_gemv, triton_sampling, triton_ssm
 from .modeling_aim import AiMCache, AiMForImageGeneration, block_step
 from .sampling import filter_logits, guide, sample_inverse_cdf
 
@@ -136,6 +136,7 @@ class CUDAGraphDecoder:
         self.logits = torch.zeros(batch, config.vocab_size, dtype=torch.float32, device=device)  # last step's
         self.labels = torch.zeros(rows, dtype=torch.long, device=device)  # with the unconditional half
         self.fused = FusedStep(model, rows) if FusedStep.supported(model, rows, form) else None
+        self.fused_draw = config.use_triton_kernels and triton_sampling.supported(self.logits, top_k, top_p)
         self.graph: torch.cuda.CUDAGraph | None = None  # one step
         self.start_graph: torch.cuda.CUDAGraph | None = None  # the class token on an empty cache
 
@@ -157,8 +158,14 @@ class CUDAGraphDecoder:
         )
 
     def draw(self, hidden: torch.Tensor, t: torch.Tensor) -> None:
-        """Code t (a (1,) index) from the hidden state into ``codes``."""
+        """Code t (a (1,) index) from the hidden state into ``codes``: one kernel without top-k or
+        top-p (``triton_sampling``), else ``sample``."""
         logits = self.model.lm_head(hidden.to(self.model.lm_head.weight.dtype))
+        if self.fused_draw:
+            guidance_scale, temperature = self.settings[:2]
+            scale = guidance_scale if self.guided else None
+            triton_sampling.draw(logits, self.uniforms, t, self.codes, self.logits, scale, temperature)
+            return
         code = self.sample(logits, self.uniforms.index_select(1, t).squeeze(1))
         self.codes.index_copy_(1, t, code[:, None])
 
