@@ -40,12 +40,12 @@ class FusedStep:
     SSM group: in_proj with the residual stream's RMSNorm and adaLN before it and the conv step
     after it folded in (``norm_linear``), the state update returning the gated norm's input times
     its weight and the norm's statistic in parts (``ssm_update_gated``), and out_proj with that
-    norm and the residual add folded in (``norm_linear_residual``). The adaLN's shift and scale enter as
-    ``u = norm weight * (1 + scale)`` and ``c = in_proj(shift)``, computed once per generation by
-    ``prepare``. Same values as ``AiMModel.step`` up to float32 rounding (the residual stream's
-    norm input is not rounded to bf16 here). On Hopper the three are launched early (programmatic
-    dependent launch): each reads its weights, and what kernels before the last one wrote, while the last
-    one ends (``triton_ssm.pdl_launch``)."""
+    norm and the residual add folded in (``norm_linear_residual``). The adaLN's shift and scale
+    enter as ``u = norm weight * (1 + scale)`` and ``c = in_proj(shift)``, computed once per
+    generation by ``prepare``. Same values as ``AiMModel.step`` up to float32 rounding (the
+    residual stream's norm input is not rounded to bf16 here). On Hopper the three are launched
+    early (programmatic dependent launch): each reads its weights, and what kernels before the
+    last one wrote, while the last one ends (``triton_ssm.pdl_launch``)."""
 
     def __init__(self, model: AiMForImageGeneration, rows: int):
         config, device = model.config, model.device
@@ -136,7 +136,7 @@ class CUDAGraphDecoder:
         self.logits = torch.zeros(batch, config.vocab_size, dtype=torch.float32, device=device)  # last step's
         self.labels = torch.zeros(rows, dtype=torch.long, device=device)  # with the unconditional half
         self.fused = FusedStep(model, rows) if FusedStep.supported(model, rows, form) else None
-        self.fused_draw = config.use_triton_kernels and triton_sampling.supported(self.logits, top_k, top_p)
+        self.fused_draw = config.use_triton_kernels and triton_sampling.supported(model.lm_head.weight, top_k, top_p)
         self.graph: torch.cuda.CUDAGraph | None = None  # one step
         self.start_graph: torch.cuda.CUDAGraph | None = None  # the class token on an empty cache
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import triton_ssm
 from .triton_ssm import TRITON_AVAILABLE
 
 if TRITON_AVAILABLE:
@@ -66,10 +67,12 @@ if TRITON_AVAILABLE:
         return tl.cumsum(tl.exp((logit / temperature).to(tl.float64) - top.to(tl.float64)), axis=0) + carry
 
 
-def supported(logits: torch.Tensor, top_k: int, top_p: float) -> bool:
-    """On CUDA with Triton, and no top-k or top-p filter (those stay on ``sampling``)."""
-    vocab = logits.shape[-1]
-    return TRITON_AVAILABLE and logits.is_cuda and not 0 < top_k < vocab and top_p >= 1.0
+def supported(head: torch.Tensor, top_k: int, top_p: float) -> bool:
+    """For logits from ``head`` (the (vocab, d) weight of lm_head): on CUDA with Triton, in half or
+    single precision (float64 logits are guided in float64: ``sampling``), and without top-k or
+    top-p (those stay on ``sampling`` too)."""
+    vocab = head.shape[0]
+    return head.is_cuda and triton_ssm.supported(head) and not 0 < top_k < vocab and top_p >= 1.0
 
 
 def draw(
