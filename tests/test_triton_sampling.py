@@ -24,11 +24,11 @@ for batch, vocab, dtype, scale, temperature in [(3, 5000, torch.bfloat16, 2.0, 1
     logits = (3 * torch.randn(rows, vocab, generator=g)).to(device, dtype)
     uniforms = torch.rand(batch, 7, generator=g, dtype=torch.float64).to(device)
     uniforms[0, 5] = 1 - 2**-53  # the largest uniform: the last code with mass, never past it
-    for step in (0, 5):
+    for step, block in [(0, None), (5, None), (5, 1024)]:  # the default block, and several a row
         t = torch.tensor([step], device=device)
         codes = torch.full((batch, 7), -1, dtype=torch.long, device=device)
         guided = torch.zeros(batch, vocab, device=device)
-        draw(logits, uniforms, t, codes, guided, scale, temperature)
+        draw(logits, uniforms, t, codes, guided, scale, temperature, block=block)
         ref_guided = guide(logits, scale) if scale is not None else logits.float()
         ref = sample_inverse_cdf(filter_logits(ref_guided, temperature), uniforms[:, step])
         err = ((guided.double() - ref_guided.double()).abs().max() / ref_guided.double().abs().max()).item()

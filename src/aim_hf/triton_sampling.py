@@ -83,15 +83,21 @@ def draw(
     guided: torch.Tensor,
     guidance_scale: float | None,
     temperature: float,
+    block: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """``codes[:, t] = sample_inverse_cdf(guide(logits) / temperature, uniforms[:, t])`` and
     ``guided = guide(logits)`` (float32), in place. logits (2 x batch, vocab) with guidance
     (``guidance_scale`` not None), else (batch, vocab); uniforms (batch, steps) and codes
-    (batch, steps) indexed by the step t, a (1,) integer tensor on the device."""
-    batch = codes.shape[0]
+    (batch, steps) indexed by the step t, a (1,) integer tensor on the device. ``block``: codes a
+    pass (default up to 8192), ``num_warps`` (default a warp per 512 codes, up to 16): fastest for
+    AiM's 16384 codes at batch 1-256 on an H100 (scripts/benchmark_draw.py)."""
+    batch, vocab = codes.shape[0], logits.shape[-1]
+    block = block or min(8192, triton.next_power_of_2(vocab))
+    num_warps = num_warps or max(1, min(16, block // 512))
     _draw_kernel[(batch,)](
-        logits, uniforms, t, codes, guided, logits.shape[-1], batch,
+        logits, uniforms, t, codes, guided, vocab, batch,
         1.0 if guidance_scale is None else guidance_scale, temperature,
         *logits.stride(), *uniforms.stride(), *codes.stride(), *guided.stride(),
-        GUIDED=guidance_scale is not None, BLOCK=2048, num_warps=8,
+        GUIDED=guidance_scale is not None, BLOCK=block, num_warps=num_warps,
     )  # fmt: skip

@@ -1,0 +1,74 @@
+"""The draw of a decoding step alone: guidance, temperature and the inverse-CDF draw as
+``sampling.py`` runs it in PyTorch (about ten kernels) against the one-kernel draw
+(``triton_sampling.draw``) over its block sizes and warps, each replayed in a CUDA graph as in the
+decoder (``triton.testing.do_bench_cudagraph``). Random bf16 logits of AiM's 16384 codes, guidance
+on. Checks that both draw the same codes; prints a table, writes JSON.
+
+    python scripts/benchmark_draw.py --batch-sizes 1 16 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+
+import torch
+import triton.testing
+from benchmark import write_result  # scripts/ is on the path when run as a script
+
+from aim_hf.sampling import filter_logits, guide, sample_inverse_cdf
+from aim_hf.triton_sampling import draw
+
+
+def time_batch(batch: int, args: argparse.Namespace) -> list[dict]:
+    """Both draws at one batch size, every launch setting of the kernel."""
+    logits = (3 * torch.randn(2 * batch, args.vocab, device="cuda")).bfloat16()
+    uniforms = torch.rand(batch, 256, device="cuda", dtype=torch.float64)
+    codes = torch.zeros(batch, 256, dtype=torch.long, device="cuda")
+    guided = torch.zeros(batch, args.vocab, device="cuda")
+    t = torch.tensor([5], device="cuda")
+
+    def eager() -> None:
+        g = guide(logits, 2.0)
+        guided.copy_(g)
+        code = sample_inverse_cdf(filter_logits(g, 1.0), uniforms.index_select(1, t).squeeze(1))
+        codes.index_copy_(1, t, code[:, None])
+
+    runs = [("sampling.py (PyTorch)", eager)]
+    for block, warps in itertools.product(args.blocks, args.num_warps):
+        launch = {"block": block or None, "num_warps": warps or None}
+        kernel = functools.partial(draw, logits, uniforms, t, codes, guided, 2.0, 1.0, **launch)
+        runs.append((f"one kernel {launch}", kernel))
+    eager()
+    reference = codes[:, 5].clone()
+    results = []
+    for name, fn in runs:
+        codes.zero_()
+        fn()
+        same = bool(torch.equal(codes[:, 5], reference))
+        microseconds = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+        results.append({"batch": batch, "variant": name, "microseconds": microseconds, "same_codes": same})
+        print(f"batch {batch:4d}  {name:52s} {microseconds:7.1f} us  same codes: {same}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 256])
+    parser.add_argument("--vocab", type=int, default=16384)
+    parser.add_argument("--blocks", nargs="+", type=int, default=[0, 2048, 4096, 16384], help="0: the default")
+    parser.add_argument("--num-warps", nargs="+", type=int, default=[0, 8, 32], help="0: the default")
+    parser.add_argument("--json", default="benchmark_draw.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("the draw benchmark needs a CUDA GPU")
+    results = [row for batch in args.batch_sizes for row in time_batch(batch, args)]
+    write_result(args.json, "benchmark_draw.py", results)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
