@@ -177,16 +177,22 @@ class CUDAGraphDecoder:
         position = (t + self.offset).expand(token.shape[0])
         self.draw(self.hidden(self.model.model.embed(token, position)), (t + 1).view(1))
 
-    def start(self) -> None:
-        """The class token on an empty cache, as a step: the generation's adaLN terms, the cache
-        and code 0, from ``labels`` alone (an empty prefix), all on the device."""
+    def condition(self, labels: torch.Tensor) -> torch.Tensor:
+        """The generation's adaLN terms from its labels (with the unconditional half), kept for
+        the steps (and the fused step's folded form); returns the class embedding."""
         model = self.model.model
-        self.cache.reset()
-        c, groups, final = model.condition(self.labels)
+        c, groups, final = model.condition(labels)
         self.modulations.copy_(model.layer_modulations(groups))
         self.final.copy_(final)
         if self.fused is not None:
             self.fused.prepare(self.modulations)
+        return c
+
+    def start(self) -> None:
+        """The class token on an empty cache, as a step: the generation's adaLN terms, the cache
+        and code 0, from ``labels`` alone (an empty prefix), all on the device."""
+        self.cache.reset()
+        c = self.condition(self.labels)
         self.draw(self.hidden(c), self.cache.length.new_zeros(1))  # code 0
 
     def capture(self) -> None:
@@ -228,11 +234,7 @@ class CUDAGraphDecoder:
         prefix_rows = prefix.repeat(2, 1) if self.guided else prefix
         hidden = model.model(prefix_rows, labels, cache=self.cache, positions=positions)
         logits = model.lm_head(hidden[:, -1].to(model.lm_head.weight.dtype))
-        _, groups, final = model.model.condition(labels)
-        self.modulations.copy_(model.model.layer_modulations(groups))
-        if self.fused is not None:
-            self.fused.prepare(self.modulations)
-        self.final.copy_(final)
+        self.condition(labels)
         self.codes[:, start] = self.sample(logits, self.uniforms[:, start])
 
     @torch.no_grad()

@@ -45,19 +45,15 @@ if TRITON_AVAILABLE:
     def _conv_update_kernel(
         xbc_ptr, conv_ptr, w_ptr, bias_ptr, out_ptr, channels,
         x_b, x_c, s_b, s_c, s_k, w_c, w_k, o_b, o_c,
-        K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+        K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a layer's cache can pass 2^31 elements
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         k = tl.arange(0, BLOCK_K)
         valid = (c < channels)[:, None] & (k < K)[None, :]
         window = c[:, None] * s_c + k[None, :] * s_k + row * s_b
-        # the window (the previous step's) and the taps before the wait (PDL): see pdl_launch
         older = tl.load(conv_ptr + window + s_k, mask=valid & (k < K - 1)[None, :], other=0.0)
         w = tl.load(w_ptr + c[:, None] * w_c + k[None, :] * w_k, mask=valid, other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         new = tl.load(xbc_ptr + row * x_b + c * x_c, mask=c < channels, other=0.0)
         window_values = tl.where((k == K - 1)[None, :], new[:, None], older)
         tl.debug_barrier()  # every read of the old window before any write of the new one
@@ -201,9 +197,9 @@ def supported(tensor: torch.Tensor) -> bool:
 
 
 def conv_update(
-    xbc: torch.Tensor, conv: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pdl: bool = False
+    xbc: torch.Tensor, conv: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Same contract as ``mamba2.conv_step``; ``pdl``: launched early (``pdl_launch``)."""
+    """Same contract as ``mamba2.conv_step``."""
     rows, channels = xbc.shape
     k = conv.shape[-1]
     out = torch.empty_like(xbc)
@@ -211,8 +207,7 @@ def conv_update(
     _conv_update_kernel[(rows, triton.cdiv(channels, block_c))](
         xbc, conv, weight, bias if bias is not None else weight, out, channels,
         *xbc.stride(), *conv.stride(), *weight.stride(), *out.stride(),
-        K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK_C=block_c, HAS_BIAS=bias is not None, PDL=pdl,
-        **pdl_launch(pdl),
+        K=k, BLOCK_K=triton.next_power_of_2(k), BLOCK_C=block_c, HAS_BIAS=bias is not None,
     )  # fmt: skip
     return out
 
@@ -247,10 +242,9 @@ def ssm_update(
     A_log: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
-    pdl: bool = False,
 ) -> torch.Tensor:
-    """Same contract as ``mamba2.ssm_step``; ``pdl``: launched early (``pdl_launch``)."""
-    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, None, pdl)[0]
+    """Same contract as ``mamba2.ssm_step``."""
+    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, None, False)[0]
 
 
 def ssm_update_gated(
