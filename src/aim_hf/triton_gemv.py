@@ -31,6 +31,7 @@ try:
 except ImportError:
     TRITON_AVAILABLE = False
 
+TRIGGERS = ("end", "wait", "start")  # when the next kernel may launch (PDL): the kernel's TRIGGER
 MAX_ROWS = 2  # batch 1 with guidance; at 4 rows cuBLAS was faster for AiM-XL (BENCHMARKS.md)
 
 
@@ -51,11 +52,23 @@ def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
         "block_k": min(block_k, 1 << (inputs - 1).bit_length()),
         "stages": 3 if widens else 0,
         "num_warps": 1 if widens else 2,
-        "early": widens and outputs * inputs < 8_000_000,
+        "trigger": "wait" if widens and outputs * inputs < 8_000_000 else "end",
+        "ahead": False,
     }
 
 
 if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _inputs(x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE):
+        """A block of the rows' inputs in float32, times the norm's scale; the squares summed in."""
+        inputs = (r < M) & (k < K)[None, :]
+        x = tl.load(x_ptr + r * x_m + k[None, :] * x_k, mask=inputs, other=0.0).to(tl.float32)
+        if NORM and PARTS == 0:  # the rows' statistic from the same reads as the products
+            squares += x * x
+        if SCALE:
+            x *= tl.load(u_ptr + r * u_m + k[None, :] * u_k, mask=inputs, other=0.0).to(tl.float32)
+        return x, squares
 
     @triton.jit
     def _gemv_kernel(
@@ -64,7 +77,7 @@ if TRITON_AVAILABLE:
         win_ptr, tap_ptr, tb_ptr, first, channels, v_b, v_c, v_k, t_c, t_k,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
         NORM: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-        STAGES: tl.constexpr, EARLY: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr, TAP_BIAS: tl.constexpr,
+        STAGES: tl.constexpr, TRIGGER: tl.constexpr, AHEAD: tl.constexpr, ONE_BLOCK: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr, TAP_BIAS: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -72,7 +85,7 @@ if TRITON_AVAILABLE:
         r, c = rows[:, None], n[None, :]  # a (rows x outputs) tile
         outputs = (r < M) & (c < N)
         w_block = w_ptr + n[:, None] * w_n + k[None, :] * w_k
-        if STAGES == 0:  # one block ahead by hand, the first before the wait; else Triton's pipeline
+        if STAGES == 0 or AHEAD:  # the first block before the wait; then by hand or Triton's pipeline
             w = tl.load(w_block, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
         # Before the wait (PDL): the first block of weights (by hand) and the epilogue's operands,
         # written two or more kernels earlier (see triton_ssm.pdl_launch).
@@ -92,30 +105,38 @@ if TRITON_AVAILABLE:
             if TAP_BIAS:
                 tap_bias = tl.load(tb_ptr + j[None, :], mask=conv[None, :], other=0.0).to(tl.float32)
         if PDL:
-            tl.extra.cuda.gdc_wait()
-            if EARLY:
+            if TRIGGER == 2:
                 tl.extra.cuda.gdc_launch_dependents()
-        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once, after the loop
+            tl.extra.cuda.gdc_wait()
+            if TRIGGER == 1:
+                tl.extra.cuda.gdc_launch_dependents()
         squares = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
-        for start in tl.range(0, K, BLOCK_K, num_stages=max(STAGES, 1)):
-            k = start + tl.arange(0, BLOCK_K)
-            if STAGES == 0:
-                following = (n < N)[:, None] & (k + BLOCK_K < K)[None, :]
-                w_next = tl.load(w_block + (start + BLOCK_K) * w_k, mask=following, other=0.0)
-            else:
-                w = tl.load(w_block + start * w_k, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
-            inputs = (r < M) & (k < K)[None, :]
-            x = tl.load(x_ptr + r * x_m + k[None, :] * x_k, mask=inputs, other=0.0).to(tl.float32)
-            if NORM and PARTS == 0:  # the rows' statistic from the same reads as the products
-                squares += x * x
-            if SCALE:
-                x *= tl.load(u_ptr + r * u_m + k[None, :] * u_k, mask=inputs, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
-            if STAGES == 0:
-                w = w_next
-        if PDL and not EARLY:
-            tl.extra.cuda.gdc_launch_dependents()
-        out = tl.sum(acc, axis=2)
+        if ONE_BLOCK:  # the program's whole block of weights was read before the wait
+            x, squares = _inputs(x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE)
+            out = tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
+            if PDL and TRIGGER == 0:
+                tl.extra.cuda.gdc_launch_dependents()
+        else:
+            acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once, after the loop
+            begin = 0
+            if STAGES > 0 and AHEAD:  # the peeled first block, read before the wait
+                x, squares = _inputs(x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE)
+                acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
+                begin = BLOCK_K
+            for start in tl.range(begin, K, BLOCK_K, num_stages=max(STAGES, 1)):
+                k = start + tl.arange(0, BLOCK_K)
+                if STAGES == 0:
+                    following = (n < N)[:, None] & (k + BLOCK_K < K)[None, :]
+                    w_next = tl.load(w_block + (start + BLOCK_K) * w_k, mask=following, other=0.0)
+                else:
+                    w = tl.load(w_block + start * w_k, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
+                x, squares = _inputs(x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE)
+                acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
+                if STAGES == 0:
+                    w = w_next
+            if PDL and TRIGGER == 0:
+                tl.extra.cuda.gdc_launch_dependents()
+            out = tl.sum(acc, axis=2)
         if NORM:  # the norm's 1/rms is a per-row factor: applied to the products, not the inputs
             if PARTS:  # the statistic summed from the parts the previous kernel wrote
                 part = tl.arange(0, PARTS)[None, :]
@@ -160,7 +181,8 @@ def _launch(
     stages: int | None = None,
     pdl: bool = False,
     rows_per_program: int = 2,
-    early: bool | None = None,
+    trigger: str | None = None,
+    ahead: bool | None = None,
     conv: tuple | None = None,
 ) -> torch.Tensor:
     m, k = x.shape
@@ -168,7 +190,8 @@ def _launch(
     if rows_per_program not in (1, 2, 4):
         raise ValueError(f"rows_per_program must be 1, 2 or 4, got {rows_per_program!r}")
     rows = min(rows_per_program, triton.next_power_of_2(m))
-    given = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "stages": stages, "early": early}
+    given = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "stages": stages}
+    given |= {"trigger": trigger, "ahead": ahead}
     launch = default_launch(triton.cdiv(m, rows), n, k) | {key: v for key, v in given.items() if v is not None}
     scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
     unread = x  # placeholder for the pointers a launch does not read
@@ -190,7 +213,8 @@ def _launch(
         BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl,
         STAGES=launch["stages"], num_warps=launch["num_warps"],
         TAPS=window.shape[-1] if conv else 0, BLOCK_T=triton.next_power_of_2(window.shape[-1]) if conv else 1,
-        TAP_BIAS=tap_bias is not None, EARLY=launch["early"],
+        TAP_BIAS=tap_bias is not None, TRIGGER=TRIGGERS.index(launch["trigger"]), AHEAD=launch["ahead"],
+        ONE_BLOCK=launch["stages"] == 0 and launch["block_k"] >= k,
         **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip
     return out
