@@ -86,9 +86,8 @@ def test_graph_decoder_logic_equals_the_eager_loop(tiny_model, monkeypatch, form
     """The CUDA-graph decoder's start, prefix pass and steps, run eagerly on the CPU (what its
     graphs replay): the same codes as the eager loop with the same uniforms, in float64."""
     from aim_hf import fast_decode
-    from aim_hf.modeling_aim import block_step
 
-    monkeypatch.setattr(fast_decode, "compiled_block_step", lambda: block_step)
+    monkeypatch.setattr(fast_decode, "compiled", lambda fn: fn)
     g = torch.Generator().manual_seed(start)
     labels, scale, n = torch.tensor([1, 4]), 2.0, tiny_model.config.num_tokens
     uniforms = torch.rand(2, n, dtype=torch.float64, generator=g)
@@ -287,13 +286,14 @@ def test_bad_generation_input(tiny_model, kwargs, match):
 
 
 @pytest.mark.parametrize("form", ["recurrent", "dual"])
-def test_compiled_block_step_equals_the_eager_step(form):
-    """The CUDA-graph decoder's compiled block (fullgraph, Inductor options) on the CPU, where it
-    takes the pure step: one decoding step through it equals the eager step (float32: fused and
-    reordered sums, 1e-5 relative) and leaves the same cache."""
+def test_compiled_step_equals_the_eager_step(form):
+    """The CUDA-graph decoder's compiled functions (fullgraph, Inductor options) on the CPU, where
+    the block takes the pure step: one decoding step through them equals the eager step (float32:
+    fused and reordered sums, 1e-5 relative) and leaves the same cache; the step's embeddings
+    and the index of the code it draws are exact."""
     import shutil
 
-    from aim_hf.fast_decode import compiled_block_step
+    from aim_hf.fast_decode import compiled, finish, step_embeds
     from aim_hf.modeling_aim import AiMCache, block_step
 
     if shutil.which("g++") is None:
@@ -309,10 +309,18 @@ def test_compiled_block_step_equals_the_eager_step(form):
         modulations = model.model.layer_modulations(groups)
         token, position = torch.tensor([1, 2]), torch.tensor([5, 5])
         outputs = []
-        for cache, run_block in zip(caches, [block_step, compiled_block_step()], strict=True):
+        for cache, run_block in zip(caches, [block_step, compiled(block_step)], strict=True):
             model.model(codes, labels, cache=cache)
             outputs.append(model.model.step(token, position, modulations, final, cache, run_block))
-    eager, compiled = outputs
-    assert ((compiled - eager).norm() / eager.norm()).item() < 1e-5
+        stream = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 3
+        finished = compiled(finish)(model.model, stream, final)
+        embeds, t = compiled(step_embeds)(model.model, codes, torch.tensor(3), 1, True, torch.float64)
+    eager, through_compiled = outputs
+    assert ((through_compiled - eager).norm() / eager.norm()).item() < 1e-5
+    expected = model.model.finish(stream, final)
+    assert ((finished - expected).norm() / expected.norm()).item() < 1e-5
+    assert embeds.dtype == torch.float64 and t.tolist() == [3]
+    tokens = codes[:, 2].repeat(2)  # code t = 2 (3 in the cache), both halves
+    assert torch.equal(embeds, model.model.embed(tokens, torch.full((4,), 3)).double())
     for name, tensor in caches[0].tensors.items():
         assert torch.allclose(caches[1].tensors[name], tensor, rtol=1e-5, atol=1e-6), name

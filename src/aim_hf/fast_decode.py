@@ -20,19 +20,37 @@ from collections.abc import Callable
 import torch
 
 from . import triton_gemv, triton_sampling, triton_ssm
-from .modeling_aim import AiMCache, AiMForImageGeneration, block_step
+from .modeling_aim import AiMCache, AiMForImageGeneration, AiMModel, block_step
 from .sampling import filter_logits, guide, sample_inverse_cdf
 
 
 @functools.cache
-def compiled_block_step() -> Callable:
-    """``block_step`` compiled once; the layers share code and shapes, so they share the result.
-    Each batch size, width and dtype is its own specialised graph, hence the higher limit.
-    Without padding: Inductor pads the rows of in_proj's output for alignment, and then copies the
-    slices that go to the Triton kernels back to the strides they were traced with (two kernels a
-    layer, seen in the generated code)."""
+def compiled(fn: Callable) -> Callable:
+    """``fn`` compiled once: a block's step (the layers share code and shapes, so they share the
+    result), or the few operations around the layers, each one fused kernel instead of one per
+    operation (about 20 a step). Each batch size, width and dtype is its own specialised graph,
+    hence the higher limit. Without padding: Inductor pads the rows of in_proj's output for
+    alignment, and then copies the slices that go to the Triton kernels back to the strides they
+    were traced with (two kernels a layer, seen in the generated code)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(block_step, fullgraph=True, dynamic=False, options={"comprehensive_padding": False})
+    return torch.compile(fn, fullgraph=True, dynamic=False, options={"comprehensive_padding": False})
+
+
+def step_embeds(
+    model: AiMModel, codes: torch.Tensor, length: torch.Tensor, offset: int, guided: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's input embeddings: code t of each image (t = ``length - 1``: the cache holds the
+    class token and codes 0..t-1), for both halves with guidance, at its decoding position, in
+    ``dtype``; and t + 1 (1,), the code the step draws, taken before the step advances ``length``."""
+    t = length.view(1) - 1
+    token = codes.index_select(1, t).squeeze(1)
+    token = token.repeat(2) if guided else token
+    return model.embed(token, (t + offset).expand(token.shape[0])).to(dtype), t + 1
+
+
+def finish(model: AiMModel, stream: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+    """``AiMModel.finish`` in the weights' dtype (``final``'s), the head's input."""
+    return model.finish(stream, final).to(final.dtype)
 
 
 class FusedStep:
@@ -99,7 +117,7 @@ class FusedStep:
                 gated.flatten(-2), squares, out_proj, stream, gate, mixer.norm.eps, pdl=pdl
             )
         cache.length.add_(1)
-        return model.finish(stream, final)
+        return compiled(finish)(model, stream, final)
 
 
 class CUDAGraphDecoder:
@@ -154,7 +172,7 @@ class CUDAGraphDecoder:
         if self.fused is not None:
             return self.fused(inputs_embeds, self.final, self.cache)
         return model.step(
-            None, None, self.modulations, self.final, self.cache, compiled_block_step(), inputs_embeds
+            None, None, self.modulations, self.final, self.cache, compiled(block_step), inputs_embeds
         )
 
     def draw(self, hidden: torch.Tensor, t: torch.Tensor) -> None:
@@ -171,11 +189,11 @@ class CUDAGraphDecoder:
 
     def step(self) -> None:
         """Feed code t, sample code t + 1 into ``codes``, advance the cache: all on the device."""
-        t = self.cache.length - 1  # the cache holds the class token and codes 0..t-1
-        token = self.codes.index_select(1, t.view(1)).squeeze(1)
-        token = token.repeat(2) if self.guided else token
-        position = (t + self.offset).expand(token.shape[0])
-        self.draw(self.hidden(self.model.model.embed(token, position)), (t + 1).view(1))
+        dtype = torch.float32 if self.fused is not None else self.model.dtype  # the fused step's stream
+        embeds, t = compiled(step_embeds)(
+            self.model.model, self.codes, self.cache.length, self.offset, self.guided, dtype
+        )
+        self.draw(self.hidden(embeds), t)
 
     def condition(self, labels: torch.Tensor) -> torch.Tensor:
         """The generation's adaLN terms from its labels (with the unconditional half), kept for

@@ -212,9 +212,9 @@ def conv_update(
     return out
 
 
-def _ssm_update(state, x, dt, dt_bias, A_log, B, C, gating: tuple | None, pdl: bool):
+def _ssm_update(state, x, dt, dt_bias, A_log, B, C, gating: tuple | None, pdl: bool, block_p=None, num_warps=4):
     b, h, p, n = state.shape
-    block_p = min(16, triton.next_power_of_2(p))
+    block_p = min(block_p or 16, triton.next_power_of_2(p))
     grid = (b * h, triton.cdiv(p, block_p))
     if gating is None:
         y = torch.empty(b, h, p, dtype=torch.float32, device=state.device)
@@ -229,7 +229,7 @@ def _ssm_update(state, x, dt, dt_bias, A_log, B, C, gating: tuple | None, pdl: b
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(), *z.stride(),
         squares.stride(0),
         BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), GATED=gating is not None, PDL=pdl,
-        **pdl_launch(pdl),
+        num_warps=num_warps, **pdl_launch(pdl),
     )  # fmt: skip
     return y, squares
 
@@ -259,13 +259,15 @@ def ssm_update_gated(
     z: torch.Tensor,
     norm_weight: torch.Tensor,
     pdl: bool = False,
+    block_p: int | None = None,
+    num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The state update of ``ssm_update`` with what follows it up to the gated RMSNorm (one group),
     for ``triton_gemv.norm_linear_residual``: ``g = (y + D x) * silu(z)`` with D (h,) and
     z (b, h, p), returned as ``g * norm_weight`` (b, h, p) in the norm weight's dtype, and the
     norm's statistic in parts, (b, parts) float32 sums of ``g**2`` over disjoint channel blocks:
     out_proj then reads the gated input once, in half the bytes for bf16."""
-    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, (D, z, norm_weight), pdl)
+    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, (D, z, norm_weight), pdl, block_p, num_warps)
 
 
 def ssm_dual_update(
