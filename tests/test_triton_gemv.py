@@ -28,9 +28,8 @@ for m, k, n, dtype, blocks in [(2, 96, 200, torch.float32, {{}}), (3, 160, 70, t
                                (3, 96, 50, torch.float32, dict(rows_per_program=1)),
                                (3, 96, 50, torch.float32, dict(rows_per_program=4)),
                                (2, 300, 70, torch.float32, dict(block_k=64, stages=3)),
-                               (2, 300, 70, torch.float32, dict(block_k=64, stages=0, num_warps=2, trigger="end")),
-                               (2, 300, 70, torch.float32, dict(block_k=64, stages=2, ahead=True, trigger="start")),
-                               (2, 300, 70, torch.float32, dict(block_k=512, stages=0, trigger="start"))]:
+                               (2, 300, 70, torch.float32, dict(block_k=64, stages=0, num_warps=2, early=False)),
+                               (2, 300, 70, torch.float32, dict(block_k=512, stages=0, num_warps=4))]:
     wide = torch.randn(m, 2 * k, generator=g).to(device, dtype)
     x = wide[:, ::2]  # a strided view, like the mixer's inputs
     weight = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
@@ -94,7 +93,7 @@ from aim_hf.modeling_aim import AiMCache
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
-triton_gemv.default_launch = lambda *shape: dict(block_n=32, block_k=64, stages=0, num_warps=4, trigger="wait", ahead=False)  # few programs: the interpreter runs them one by one
+triton_gemv.default_launch = lambda *shape: dict(block_n=32, block_k=64, stages=0, num_warps=4, early=True)  # few programs: the interpreter runs them one by one
 g = torch.Generator().manual_seed(0)
 device = "{device}"
 if device == "cpu":  # Inductor's CPU build of the compiled finish is tested in test_generation

@@ -122,7 +122,7 @@ def counted(*args):
     products[0] += 1
     return linear(*args)
 triton_gemv.linear = counted  # the projections of a few rows are Triton kernels too
-triton_gemv.default_launch = lambda *shape: dict(block_n=32, block_k=64, stages=0, num_warps=4, trigger="wait", ahead=False)  # few programs: the interpreter runs them one by one
+triton_gemv.default_launch = lambda *shape: dict(block_n=32, block_k=64, stages=0, num_warps=4, early=True)  # few programs: the interpreter runs them one by one
 for groups, state, form in [(1, 8, "recurrent"), (2, 10, "dual"), (1, 8, "dual")]:
     torch.manual_seed(0)
     model = randomize(AiMForImageGeneration(tiny_config(decode_cache=form, n_groups=groups, state_size=state))).eval()

@@ -8,8 +8,9 @@ that block of the weights along the inputs (each weight read once) and sums the 
 end. A kernel this short is bound by how many loads are in flight, not by arithmetic: a program
 keeps one block ahead by hand (its first read before the previous kernel ends, with
 programmatic dependent launch), or two ahead through Triton's software pipeline in shared memory,
-which frees the registers that limited how many programs an SM holds (``default_launch`` picks,
-by the projection's shape). A program takes two rows (``rows_per_program``): one a program was
+which frees the registers that limited how many programs an SM holds, or reads all its weights
+in one block before the previous kernel ends (``default_launch`` picks, by the projection's
+shape). A program takes two rows (``rows_per_program``): one a program was
 0.44 against 0.55 of the bandwidth for AiM-XL's out_proj at 2 rows, and four a program made
 AiM-B's batch-2 step slower. Used for up to ``MAX_ROWS`` rows; the kernel takes up to 4, but at
 4 rows AiM-XL's step was faster with cuBLAS.
@@ -31,7 +32,6 @@ try:
 except ImportError:
     TRITON_AVAILABLE = False
 
-TRIGGERS = ("end", "wait", "start")  # when the next kernel may launch (PDL): the kernel's TRIGGER
 MAX_ROWS = 2  # batch 1 with guidance; at 4 rows cuBLAS was faster for AiM-XL (BENCHMARKS.md)
 
 
@@ -39,21 +39,27 @@ def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
     """Blocks, pipeline, warps and when the next kernel may launch, for a projection of this shape:
     fastest in decoding steps of AiM-B, -L, -XL and -1B at 2 rows on an H100 (BENCHMARKS.md). One
     that widens (in_proj) gets about 800 programs (over the ``row_groups``, programs that share no
-    rows) of one warp, streaming blocks of 256 inputs through Triton's pipeline, two ahead; one
-    that narrows (out_proj) about 400 programs of two warps with blocks of 1024 inputs, one ahead
-    by hand. ``early``: the next kernel (PDL) may launch as soon as this one starts, else when its
-    products are summed; early paid for in_proj below 8M weights (its state update then reads the
-    state sooner) and cost elsewhere (the waiting programs hold SM slots this one needs)."""
+    rows) of one warp, streaming blocks of 256 inputs through Triton's pipeline, two ahead. One
+    that narrows (out_proj) from up to 3072 inputs (AiM-B, -L, -XL) gets programs of four outputs
+    and four warps that read all their weights in one block before the wait (``block_k`` covers
+    the inputs), while the state update runs; from more (AiM-1B: 2048 programs' worth of
+    registers would not fit in one wave, measured slower) about 400 programs of two warps with
+    blocks of 1024 inputs, one ahead by hand. ``early``: the next kernel (PDL) may launch as soon
+    as this one starts, else when its products are summed; early paid for in_proj below 8M
+    weights (its state update then reads the state sooner) and cost elsewhere (the waiting
+    programs hold SM slots this one needs)."""
+    padded = 1 << (inputs - 1).bit_length()
+    if outputs < inputs and inputs <= 3072:
+        return {"block_n": 4, "block_k": padded, "stages": 0, "num_warps": 4, "early": False}
     widens = outputs >= inputs
     programs, block_k = (800, 256) if widens else (400, 1024)
     block_n = 1 << max(1, min(5, round(math.log2(max(1.0, row_groups * outputs / programs)))))
     return {
         "block_n": block_n,
-        "block_k": min(block_k, 1 << (inputs - 1).bit_length()),
+        "block_k": min(block_k, padded),
         "stages": 3 if widens else 0,
         "num_warps": 1 if widens else 2,
-        "trigger": "wait" if widens and outputs * inputs < 8_000_000 else "end",
-        "ahead": False,
+        "early": widens and outputs * inputs < 8_000_000,
     }
 
 
@@ -77,7 +83,7 @@ if TRITON_AVAILABLE:
         win_ptr, tap_ptr, tb_ptr, first, channels, v_b, v_c, v_k, t_c, t_k,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
         NORM: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-        STAGES: tl.constexpr, TRIGGER: tl.constexpr, AHEAD: tl.constexpr, ONE_BLOCK: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr, TAP_BIAS: tl.constexpr,
+        STAGES: tl.constexpr, EARLY: tl.constexpr, ONE_BLOCK: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr, TAP_BIAS: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -85,7 +91,7 @@ if TRITON_AVAILABLE:
         r, c = rows[:, None], n[None, :]  # a (rows x outputs) tile
         outputs = (r < M) & (c < N)
         w_block = w_ptr + n[:, None] * w_n + k[None, :] * w_k
-        if STAGES == 0 or AHEAD:  # the first block before the wait; then by hand or Triton's pipeline
+        if STAGES == 0:  # one block ahead by hand, the first before the wait; else Triton's pipeline
             w = tl.load(w_block, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
         # Before the wait (PDL): the first block of weights (by hand) and the epilogue's operands,
         # written two or more kernels earlier (see triton_ssm.pdl_launch).
@@ -105,25 +111,16 @@ if TRITON_AVAILABLE:
             if TAP_BIAS:
                 tap_bias = tl.load(tb_ptr + j[None, :], mask=conv[None, :], other=0.0).to(tl.float32)
         if PDL:
-            if TRIGGER == 2:
-                tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-            if TRIGGER == 1:
+            if EARLY:
                 tl.extra.cuda.gdc_launch_dependents()
         squares = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
         if ONE_BLOCK:  # the program's whole block of weights was read before the wait
             x, squares = _inputs(x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE)
             out = tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
-            if PDL and TRIGGER == 0:
-                tl.extra.cuda.gdc_launch_dependents()
         else:
             acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once, after the loop
-            begin = 0
-            if STAGES > 0 and AHEAD:  # the peeled first block, read before the wait
-                x, squares = _inputs(x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE)
-                acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
-                begin = BLOCK_K
-            for start in tl.range(begin, K, BLOCK_K, num_stages=max(STAGES, 1)):
+            for start in tl.range(0, K, BLOCK_K, num_stages=max(STAGES, 1)):
                 k = start + tl.arange(0, BLOCK_K)
                 if STAGES == 0:
                     following = (n < N)[:, None] & (k + BLOCK_K < K)[None, :]
@@ -134,9 +131,9 @@ if TRITON_AVAILABLE:
                 acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
                 if STAGES == 0:
                     w = w_next
-            if PDL and TRIGGER == 0:
-                tl.extra.cuda.gdc_launch_dependents()
             out = tl.sum(acc, axis=2)
+        if PDL and not EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
         if NORM:  # the norm's 1/rms is a per-row factor: applied to the products, not the inputs
             if PARTS:  # the statistic summed from the parts the previous kernel wrote
                 part = tl.arange(0, PARTS)[None, :]
@@ -181,8 +178,7 @@ def _launch(
     stages: int | None = None,
     pdl: bool = False,
     rows_per_program: int = 2,
-    trigger: str | None = None,
-    ahead: bool | None = None,
+    early: bool | None = None,
     conv: tuple | None = None,
 ) -> torch.Tensor:
     m, k = x.shape
@@ -190,8 +186,7 @@ def _launch(
     if rows_per_program not in (1, 2, 4):
         raise ValueError(f"rows_per_program must be 1, 2 or 4, got {rows_per_program!r}")
     rows = min(rows_per_program, triton.next_power_of_2(m))
-    given = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "stages": stages}
-    given |= {"trigger": trigger, "ahead": ahead}
+    given = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "stages": stages, "early": early}
     launch = default_launch(triton.cdiv(m, rows), n, k) | {key: v for key, v in given.items() if v is not None}
     scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
     unread = x  # placeholder for the pointers a launch does not read
@@ -213,7 +208,7 @@ def _launch(
         BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl,
         STAGES=launch["stages"], num_warps=launch["num_warps"],
         TAPS=window.shape[-1] if conv else 0, BLOCK_T=triton.next_power_of_2(window.shape[-1]) if conv else 1,
-        TAP_BIAS=tap_bias is not None, TRIGGER=TRIGGERS.index(launch["trigger"]), AHEAD=launch["ahead"],
+        TAP_BIAS=tap_bias is not None, EARLY=launch["early"],
         ONE_BLOCK=launch["stages"] == 0 and launch["block_k"] >= k,
         **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip

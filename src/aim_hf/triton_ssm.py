@@ -212,9 +212,9 @@ def conv_update(
     return out
 
 
-def _ssm_update(state, x, dt, dt_bias, A_log, B, C, gating: tuple | None, pdl: bool, block_p=None, num_warps=4):
+def _ssm_update(state, x, dt, dt_bias, A_log, B, C, gating: tuple | None, pdl: bool, block_p: int, num_warps: int):
     b, h, p, n = state.shape
-    block_p = min(block_p or 16, triton.next_power_of_2(p))
+    block_p = min(block_p, triton.next_power_of_2(p))
     grid = (b * h, triton.cdiv(p, block_p))
     if gating is None:
         y = torch.empty(b, h, p, dtype=torch.float32, device=state.device)
@@ -244,7 +244,7 @@ def ssm_update(
     C: torch.Tensor,
 ) -> torch.Tensor:
     """Same contract as ``mamba2.ssm_step``."""
-    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, None, False)[0]
+    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, None, False, 16, 4)[0]
 
 
 def ssm_update_gated(
@@ -259,14 +259,16 @@ def ssm_update_gated(
     z: torch.Tensor,
     norm_weight: torch.Tensor,
     pdl: bool = False,
-    block_p: int | None = None,
-    num_warps: int = 4,
+    block_p: int = 8,
+    num_warps: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The state update of ``ssm_update`` with what follows it up to the gated RMSNorm (one group),
     for ``triton_gemv.norm_linear_residual``: ``g = (y + D x) * silu(z)`` with D (h,) and
     z (b, h, p), returned as ``g * norm_weight`` (b, h, p) in the norm weight's dtype, and the
     norm's statistic in parts, (b, parts) float32 sums of ``g**2`` over disjoint channel blocks:
-    out_proj then reads the gated input once, in half the bytes for bf16."""
+    out_proj then reads the gated input once, in half the bytes for bf16. A program updates
+    ``block_p`` rows of a head's (head_dim x state) tile with ``num_warps`` warps: 8 and 1 were
+    fastest in AiM-B, -L and -XL's batch-1 steps on an H100 (its only use, in ``FusedStep``)."""
     return _ssm_update(state, x, dt, dt_bias, A_log, B, C, (D, z, norm_weight), pdl, block_p, num_warps)
 
 
