@@ -314,7 +314,8 @@ def test_compiled_step_equals_the_eager_step(form):
             outputs.append(model.model.step(token, position, modulations, final, cache, run_block))
         stream = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 3
         finished = compiled(finish)(model.model, stream, final)
-        embeds, t = compiled(step_embeds)(model.model, codes, torch.tensor(3), 1, True, torch.float64)
+        tables = (model.model.embed_tokens.weight, model.model.embed_positions.weight)
+        embeds, t = compiled(step_embeds)(tables, codes, torch.tensor(3), 1, True, torch.float64)
     eager, through_compiled = outputs
     assert ((through_compiled - eager).norm() / eager.norm()).item() < 1e-5
     expected = model.model.finish(stream, final)

@@ -18,6 +18,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from . import triton_gemv, triton_sampling, triton_ssm
 from .modeling_aim import AiMCache, AiMForImageGeneration, AiMModel, block_step
@@ -37,19 +38,31 @@ def compiled(fn: Callable) -> Callable:
 
 
 def step_embeds(
-    model: AiMModel, codes: torch.Tensor, length: torch.Tensor, offset: int, guided: bool, dtype: torch.dtype
+    tables: tuple[torch.Tensor, torch.Tensor],
+    codes: torch.Tensor,
+    length: torch.Tensor,
+    offset: int,
+    guided: bool,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A step's input embeddings: code t of each image (t = ``length - 1``: the cache holds the
-    class token and codes 0..t-1), for both halves with guidance, at its decoding position, in
-    ``dtype``; and t + 1 (1,), the code the step draws, taken before the step advances ``length``."""
+    """A step's input embeddings (``AiMModel.embed``): code t of each image (t = ``length - 1``: the
+    cache holds the class token and codes 0..t-1), for both halves with guidance, at its decoding
+    position, in ``dtype``; and t + 1 (1,), the code the step draws, taken before the step advances
+    ``length``. The (code, position) embedding tables come as tensors, not through the module:
+    Dynamo in torch 2.11 skips the checks of a module's parameters while the module's dicts are
+    unchanged, so after ``model.to(dtype)`` it reran the graph traced for the old dtype
+    (pytorch#163064; seen as wrong logits in tests/test_gpu.py)."""
     t = length.view(1) - 1
     token = codes.index_select(1, t).squeeze(1)
     token = token.repeat(2) if guided else token
-    return model.embed(token, (t + offset).expand(token.shape[0])).to(dtype), t + 1
+    position = (t + offset).expand(token.shape[0])
+    return (F.embedding(token, tables[0]) + F.embedding(position, tables[1])).to(dtype), t + 1
 
 
 def finish(model: AiMModel, stream: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-    """``AiMModel.finish`` in the weights' dtype (``final``'s), the head's input."""
+    """``AiMModel.finish`` in the weights' dtype (``final``'s), the head's input. ``final`` has the
+    model's dtype and device, so a cast or moved model fails the guards of ``compiled(finish)``
+    (see ``step_embeds``)."""
     return model.finish(stream, final).to(final.dtype)
 
 
@@ -190,9 +203,9 @@ class CUDAGraphDecoder:
     def step(self) -> None:
         """Feed code t, sample code t + 1 into ``codes``, advance the cache: all on the device."""
         dtype = torch.float32 if self.fused is not None else self.model.dtype  # the fused step's stream
-        embeds, t = compiled(step_embeds)(
-            self.model.model, self.codes, self.cache.length, self.offset, self.guided, dtype
-        )
+        model = self.model.model
+        tables = (model.embed_tokens.weight, model.embed_positions.weight)
+        embeds, t = compiled(step_embeds)(tables, self.codes, self.cache.length, self.offset, self.guided, dtype)
         self.draw(self.hidden(embeds), t)
 
     def condition(self, labels: torch.Tensor) -> torch.Tensor:
