@@ -1,10 +1,11 @@
-"""The draw of a decoding step alone: guidance, temperature and the inverse-CDF draw as
-``sampling.py`` runs it in PyTorch (about ten kernels) against the one-kernel draw
-(``triton_sampling.draw``) over its block sizes and warps, each replayed in a CUDA graph as in the
-decoder (``triton.testing.do_bench_cudagraph``). Random bf16 logits of AiM's 16384 codes, guidance
-on. Checks that both draw the same codes; prints a table, writes JSON.
+"""The draw of a decoding step alone: guidance, temperature, top-k / top-p and the inverse-CDF
+draw as ``sampling.py`` runs it in PyTorch (about ten kernels, and a sort of the vocabulary for
+top-p alone) against the one-kernel draw (``triton_sampling.draw``) over its block sizes and
+warps, each replayed in a CUDA graph as in the decoder (``triton.testing.do_bench_cudagraph``).
+Random bf16 logits of AiM's 16384 codes, guidance on. Checks that both draw the same codes;
+prints a table, writes JSON.
 
-    python scripts/benchmark_draw.py --batch-sizes 1 16 256
+    python scripts/benchmark_draw.py --batch-sizes 1 16 256 --filters 0,1 0,0.9 100,1
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from aim_hf.sampling import filter_logits, guide, sample_inverse_cdf
 from aim_hf.triton_sampling import draw
 
 
-def time_batch(batch: int, args: argparse.Namespace) -> list[dict]:
-    """Both draws at one batch size, every launch setting of the kernel."""
+def time_batch(batch: int, top_k: int, top_p: float, args: argparse.Namespace) -> list[dict]:
+    """Both draws at one batch size and filter, every launch setting of the kernel."""
     logits = (3 * torch.randn(2 * batch, args.vocab, device="cuda")).bfloat16()
     uniforms = torch.rand(batch, 256, device="cuda", dtype=torch.float64)
     codes = torch.zeros(batch, 256, dtype=torch.long, device="cuda")
@@ -32,13 +33,13 @@ def time_batch(batch: int, args: argparse.Namespace) -> list[dict]:
     def eager() -> None:
         g = guide(logits, 2.0)
         guided.copy_(g)
-        code = sample_inverse_cdf(filter_logits(g, 1.0), uniforms.index_select(1, t).squeeze(1))
+        code = sample_inverse_cdf(filter_logits(g, 1.0, top_k, top_p), uniforms.index_select(1, t).squeeze(1))
         codes.index_copy_(1, t, code[:, None])
 
     runs = [("sampling.py (PyTorch)", eager)]
     for block, warps in itertools.product(args.blocks, args.num_warps):
         launch = {"block": block or None, "num_warps": warps or None}
-        kernel = functools.partial(draw, logits, uniforms, t, codes, guided, 2.0, 1.0, **launch)
+        kernel = functools.partial(draw, logits, uniforms, t, codes, guided, 2.0, 1.0, top_k, top_p, **launch)
         runs.append((f"one kernel {launch}", kernel))
     eager()
     reference = codes[:, 5].clone()
@@ -48,8 +49,14 @@ def time_batch(batch: int, args: argparse.Namespace) -> list[dict]:
         fn()
         same = bool(torch.equal(codes[:, 5], reference))
         microseconds = triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
-        results.append({"batch": batch, "variant": name, "microseconds": microseconds, "same_codes": same})
-        print(f"batch {batch:4d}  {name:52s} {microseconds:7.1f} us  same codes: {same}", flush=True)
+        results.append(
+            {"batch": batch, "top_k": top_k, "top_p": top_p, "variant": name, "microseconds": microseconds,
+             "same_codes": same}
+        )  # fmt: skip
+        print(
+            f"batch {batch:4d}  top-k {top_k:4d} top-p {top_p:4.2f}  {name:52s} {microseconds:7.1f} us  same codes: {same}",
+            flush=True,
+        )
     return results
 
 
@@ -61,11 +68,18 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--blocks", nargs="+", type=int, default=[0, 2048, 4096, 16384], help="0: the default")
     parser.add_argument("--num-warps", nargs="+", type=int, default=[0, 8, 32], help="0: the default")
+    parser.add_argument(
+        "--filters", nargs="+", default=["0,1"], help="top_k,top_p pairs (0,1: no filter)"
+    )
     parser.add_argument("--json", default="benchmark_draw.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("the draw benchmark needs a CUDA GPU")
-    results = [row for batch in args.batch_sizes for row in time_batch(batch, args)]
+    try:
+        filters = [(int(k), float(p)) for k, p in (f.split(",") for f in args.filters)]
+    except ValueError:
+        parser.error(f"--filters takes top_k,top_p pairs such as 0,0.9; got {args.filters}")
+    results = [row for k, p in filters for batch in args.batch_sizes for row in time_batch(batch, k, p, args)]
     write_result(args.json, "benchmark_draw.py", results)
     print(f"wrote {args.json}")
 

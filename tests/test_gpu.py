@@ -114,6 +114,23 @@ def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, batch, 
         assert draws - agree <= max(3, draws // 200)
 
 
+@pytest.mark.parametrize(("top_k", "top_p"), [(50, 1.0), (0, 0.9), (100, 0.8)])
+def test_graph_decoder_filters_in_the_draw_kernel_like_sampling(aim_b, top_k, top_p):
+    """With top-k / top-p the graph decoder draws in one kernel (thresholds by bisection, no
+    sort): the same codes as its sampling.py draw (sort / topk), same model and uniforms."""
+    labels, uniforms = torch.tensor([1, 207]).cuda(), torch.rand(2, 256, dtype=torch.float64).cuda()
+    runs = []
+    for fused in (True, False):
+        aim_b._graph_decoder = None
+        decoder = aim_b.graph_decoder(2, 2.0, 1.0, top_k, top_p)
+        assert decoder.fused_draw
+        decoder.fused_draw = fused
+        runs.append(decoder.run(labels, torch.zeros(2, 0, dtype=torch.long).cuda(), uniforms))
+    aim_b._graph_decoder = None
+    assert torch.equal(runs[0], runs[1])
+    assert runs[0].unique().numel() > 1
+
+
 def test_graph_decoder_is_reused_and_reproducible(aim_b):
     model = aim_b.to(torch.bfloat16)
     gens = lambda: [torch.Generator("cuda").manual_seed(s) for s in range(3)]  # noqa: E731

@@ -52,8 +52,8 @@ class AiMConfig(PretrainedConfig):
             position ``k + 1`` although training used ``k``; set for converted original weights.
         use_mamba_kernels: use mamba-ssm / causal-conv1d kernels when installed and on CUDA.
         use_triton_kernels: on CUDA, decode with this package's Triton step kernels (triton_ssm:
-            conv, recurrent and dual SSM updates; triton_sampling: the draw without top-k or
-            top-p); without them "auto" keeps the recurrent cache.
+            conv, recurrent and dual SSM updates; triton_sampling: the draw, with top-k and top-p
+            for up to 16384 codes); without them "auto" keeps the recurrent cache.
         use_projection_kernels: on CUDA, decoding steps of up to 2 rows (batch 1 with guidance)
             run in_proj and out_proj as ``triton_gemv`` matrix-vector products instead of cuBLAS,
             and the CUDA-graph decoder runs them as ``fast_decode.FusedStep`` (three kernels a layer).

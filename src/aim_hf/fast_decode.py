@@ -189,13 +189,13 @@ class CUDAGraphDecoder:
         )
 
     def draw(self, hidden: torch.Tensor, t: torch.Tensor) -> None:
-        """Code t (a (1,) index) from the hidden state into ``codes``: one kernel without top-k or
-        top-p (``triton_sampling``), else ``sample``."""
+        """Code t (a (1,) index) from the hidden state into ``codes``: one kernel
+        (``triton_sampling``) where it applies, else ``sample``."""
         logits = self.model.lm_head(hidden.to(self.model.lm_head.weight.dtype))
         if self.fused_draw:
-            guidance_scale, temperature = self.settings[:2]
+            guidance_scale, temperature, top_k, top_p = self.settings
             scale = guidance_scale if self.guided else None
-            triton_sampling.draw(logits, self.uniforms, t, self.codes, self.logits, scale, temperature)
+            triton_sampling.draw(logits, self.uniforms, t, self.codes, self.logits, scale, temperature, top_k, top_p)
             return
         code = self.sample(logits, self.uniforms.index_select(1, t).squeeze(1))
         self.codes.index_copy_(1, t, code[:, None])

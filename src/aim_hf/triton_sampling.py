@@ -1,4 +1,5 @@
-"""A decoding step's draw in one kernel: guidance, temperature and the inverse-CDF draw.
+"""A decoding step's draw in one kernel: guidance, temperature, top-k, top-p and the inverse-CDF
+draw.
 
 Without top-k or top-p (AiM's default sampling) the draw in PyTorch is about ten small kernels a
 step (the guidance, its copy for inspection, the float64 softmax, the cumulative sum, the
@@ -6,9 +7,15 @@ search, the gathers of the step's uniform and the write of the code): 40-50 us o
 380 us step at batch 1 (BENCHMARKS.md). Here one program per image reads both halves of the
 logits, writes the guided logits and the code, and reads the step index from the device, so
 the CUDA graph replays it as it is. Same draw as ``sampling.sample_inverse_cdf`` of
-``filter_logits(guide(logits), temperature)``: the same float32 logits and float64 masses; only
-the order of the float64 sums differs (the code moves only if the uniform falls within about
-1e-16 of a boundary).
+``filter_logits(guide(logits), temperature, top_k, top_p)``: the same float32 logits and float64
+masses; only the order of the float64 sums differs (the code moves only if the uniform falls
+within about 1e-16 of a boundary). Top-k and top-p keep the codes at or above a threshold logit,
+as ``filter_logits`` does, but find it without sorting the vocabulary: by bisection over the
+logits' order, counting (top-k) or summing the mass (top-p) above a candidate, with the row in
+registers. Top-p's mass is summed in float32 in another order than ``filter_logits``' cumulative
+sum, so the set differs only where a code's mass above lies within float32 rounding of top_p;
+with ties at the k-th largest logit all of them stay (``filter_logits`` keeps k of them for
+top-p's mass).
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _draw_kernel(
         logits_ptr, uniforms_ptr, t_ptr, codes_ptr, guided_ptr, vocab, batch, scale, temperature,
-        l_b, l_v, u_b, u_t, c_b, c_t, g_b, g_v,
-        GUIDED: tl.constexpr, BLOCK: tl.constexpr,
+        top_k, top_p, l_b, l_v, u_b, u_t, c_b, c_t, g_b, g_v,
+        GUIDED: tl.constexpr, BLOCK: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, ROW: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         t = tl.load(t_ptr)
@@ -41,9 +48,24 @@ if TRITON_AVAILABLE:
             tl.store(guided_ptr + row * g_b + v * g_v, logit, mask=v < vocab)
             top = tl.maximum(top, tl.max(tl.where(v < vocab, logit / temperature, float("-inf")), axis=0))
         tl.debug_barrier()  # the guided logits written above are read back by other threads
+        threshold = tl.full((), float("-inf"), tl.float32)  # codes below it are filtered out
+        if TOP_K or TOP_P:  # the whole row in registers: thresholds by bisection, no sort
+            v = tl.arange(0, ROW)
+            logit = tl.load(guided_ptr + row * g_b + v * g_v, mask=v < vocab, other=float("-inf")) / temperature
+            key = _order_key(logit)
+            kept = v < vocab
+            if TOP_K:  # the k-th largest logit: the least x with fewer than k logits above it
+                at_least = _least_key(key, tl.where(kept, 1.0, 0.0), top_k * 1.0, _order_key(top))
+                kept &= key >= at_least
+            if TOP_P:  # the least kept logit x whose more likely codes hold less than top_p of the mass
+                mass = tl.where(kept, tl.exp(logit - top), 0.0)
+                at_least = _least_key(key, mass, top_p * tl.sum(mass, axis=0), _order_key(top))
+                kept &= key >= at_least
+            threshold = tl.min(tl.where(kept, logit, float("inf")), axis=0)
         total = tl.zeros((), tl.float64)
         for start in range(0, vocab, BLOCK):
-            total = tl.max(_cdf(guided_ptr + row * g_b, g_v, start, vocab, temperature, top, total, BLOCK), axis=0)
+            cdf = _cdf(guided_ptr + row * g_b, g_v, start, vocab, temperature, top, threshold, total, BLOCK)
+            total = tl.max(cdf, axis=0)
         target = tl.load(uniforms_ptr + row * u_b + t * u_t).to(tl.float64) * total
         # The code is the first whose cumulative mass passes the target; should u * total round up
         # to the total, the first to reach it (the last with mass), never a code past it.
@@ -51,7 +73,7 @@ if TRITON_AVAILABLE:
         reached = tl.zeros((), tl.int64)
         carry = tl.zeros((), tl.float64)
         for start in range(0, vocab, BLOCK):
-            cdf = _cdf(guided_ptr + row * g_b, g_v, start, vocab, temperature, top, carry, BLOCK)
+            cdf = _cdf(guided_ptr + row * g_b, g_v, start, vocab, temperature, top, threshold, carry, BLOCK)
             valid = start + tl.arange(0, BLOCK) < vocab
             passed += tl.sum(((cdf <= target) & valid).to(tl.int64), axis=0)
             reached += tl.sum(((cdf < total) & valid).to(tl.int64), axis=0)
@@ -59,20 +81,45 @@ if TRITON_AVAILABLE:
         tl.store(codes_ptr + row * c_b + t * c_t, tl.minimum(passed, reached))
 
     @triton.jit
-    def _cdf(guided_ptr, g_v, start, vocab, temperature, top, carry, BLOCK: tl.constexpr):
-        """The cumulative unnormalised mass of one block of codes, after ``carry``; one function
-        for both passes, so that the last value equals the total exactly."""
+    def _cdf(guided_ptr, g_v, start, vocab, temperature, top, threshold, carry, BLOCK: tl.constexpr):
+        """The cumulative unnormalised mass of one block of codes (none below ``threshold``), after
+        ``carry``; one function for both passes, so that the last value equals the total exactly."""
         v = start + tl.arange(0, BLOCK)
-        logit = tl.load(guided_ptr + v * g_v, mask=v < vocab, other=float("-inf"))
-        return tl.cumsum(tl.exp((logit / temperature).to(tl.float64) - top.to(tl.float64)), axis=0) + carry
+        logit = tl.load(guided_ptr + v * g_v, mask=v < vocab, other=float("-inf")) / temperature
+        mass = tl.where(logit >= threshold, tl.exp(logit.to(tl.float64) - top.to(tl.float64)), 0.0)
+        return tl.cumsum(mass, axis=0) + carry
+
+    @triton.jit
+    def _order_key(x):
+        """float32 -> int32 in the same order (finite values and infinities; -0.0 as +0.0)."""
+        bits = (x + 0.0).to(tl.int32, bitcast=True)
+        return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+    @triton.jit
+    def _least_key(key, weight, limit, upper):
+        """The least order key x with ``sum(weight[key > x]) < limit``, by bisection between the
+        least key and ``upper`` (where the sum is 0). The sum only grows as x falls, and it
+        changes only at the keys, so x is the key of a code; 32 halvings cover every int32."""
+        lo = tl.min(key, axis=0).to(tl.int64)
+        hi = upper.to(tl.int64)
+        for _ in range(32):
+            mid = lo + (hi - lo) // 2
+            below_limit = tl.sum(tl.where(key > mid, weight, 0.0), axis=0) < limit
+            hi = tl.where(below_limit, mid, hi)
+            lo = tl.where(below_limit, lo, mid + 1)
+        return hi
+
+
+MAX_FILTERED_VOCAB = 16384  # top-k/top-p hold a row in registers: 32 logits a thread at 16 warps
 
 
 def supported(head: torch.Tensor, top_k: int, top_p: float) -> bool:
     """For logits from ``head`` (the (vocab, d) weight of lm_head): on CUDA with Triton, in half or
-    single precision (float64 logits are guided in float64: ``sampling``), and without top-k or
-    top-p (those stay on ``sampling`` too)."""
+    single precision (float64 logits are guided in float64: ``sampling``); with top-k or top-p
+    for up to ``MAX_FILTERED_VOCAB`` codes."""
     vocab = head.shape[0]
-    return head.is_cuda and triton_ssm.supported(head) and not 0 < top_k < vocab and top_p >= 1.0
+    filtered = 0 < top_k < vocab or top_p < 1.0
+    return head.is_cuda and triton_ssm.supported(head) and (not filtered or vocab <= MAX_FILTERED_VOCAB)
 
 
 def draw(
@@ -83,21 +130,28 @@ def draw(
     guided: torch.Tensor,
     guidance_scale: float | None,
     temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
     block: int | None = None,
     num_warps: int | None = None,
 ) -> None:
-    """``codes[:, t] = sample_inverse_cdf(guide(logits) / temperature, uniforms[:, t])`` and
-    ``guided = guide(logits)`` (float32), in place. logits (2 x batch, vocab) with guidance
+    """``codes[:, t] = sample_inverse_cdf(filter_logits(guide(logits), temperature, top_k, top_p),
+    uniforms[:, t])`` and ``guided = guide(logits)`` (float32), in place. logits (2 x batch, vocab) with guidance
     (``guidance_scale`` not None), else (batch, vocab); uniforms (batch, steps) and codes
     (batch, steps) indexed by the step t, a (1,) integer tensor on the device. ``block``: codes a
     pass (default up to 8192), ``num_warps`` (default a warp per 512 codes, up to 16): fastest for
     AiM's 16384 codes at batch 1-256 on an H100 (scripts/benchmark_draw.py)."""
     batch, vocab = codes.shape[0], logits.shape[-1]
-    block = block or min(8192, triton.next_power_of_2(vocab))
+    row = triton.next_power_of_2(vocab)
+    block = block or min(8192, row)
     num_warps = num_warps or max(1, min(16, block // 512))
+    top_k = top_k if 0 < top_k < vocab else 0
+    if (top_k or top_p < 1.0) and vocab > MAX_FILTERED_VOCAB:
+        raise ValueError(f"top-k/top-p in the draw kernel take up to {MAX_FILTERED_VOCAB} codes, got {vocab}")
     _draw_kernel[(batch,)](
         logits, uniforms, t, codes, guided, vocab, batch,
-        1.0 if guidance_scale is None else guidance_scale, temperature,
+        1.0 if guidance_scale is None else guidance_scale, temperature, top_k, top_p,
         *logits.stride(), *uniforms.stride(), *codes.stride(), *guided.stride(),
-        GUIDED=guidance_scale is not None, BLOCK=block, num_warps=num_warps,
+        GUIDED=guidance_scale is not None, BLOCK=block, TOP_K=top_k > 0, TOP_P=top_p < 1.0, ROW=row,
+        num_warps=num_warps,
     )  # fmt: skip
