@@ -9,7 +9,7 @@
 #   numerics    scripts/numerics.py: bf16 weights, bf16/fp32 state and the dual history vs float64
 #   kernels     scripts/benchmark_ssm_kernels.py: the SSM step kernels alone, both cache forms
 #   projections scripts/benchmark_projection_kernels.py: the batch-1/2 GEMVs against cuBLAS
-#   draw        scripts/benchmark_draw.py: the one-kernel draw against sampling.py's
+#   draw        scripts/benchmark_draw.py: the one-kernel draw against sampling.py's, unfiltered, top-k, top-p
 #   profile     scripts/profile_step.py for AiM-B batch 256 and AiM-XL batch 1 (inside the graph),
 #               scripts/profile_generate.py (the class-token pass, the replays, the rest)
 #   training    scripts/benchmark_training.py: AiM-B/L, pure-PyTorch mixer vs mamba-ssm kernels
@@ -54,7 +54,7 @@ for stage in "${@:-kernel-tests tests generation kernels profile training}"; do
           --json "$out/projections.json" >"$out/projections.log" 2>&1
         tail -30 "$out/projections.log" ;;
       draw)
-        timeout 120 python3 scripts/benchmark_draw.py --json "$out/draw.json" >"$out/draw.log" 2>&1
+        timeout 200 python3 scripts/benchmark_draw.py --filters 0,1 50,1 0,0.9 --json "$out/draw.json" >"$out/draw.log" 2>&1
         tail -12 "$out/draw.log" ;;
       profile)
         timeout 60 python3 scripts/profile_step.py --preset AiM-B --batch 256 --rows 25 >"$out/profile-b256.log" 2>&1
