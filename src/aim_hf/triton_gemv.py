@@ -42,8 +42,8 @@ def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
     rows) of one warp, streaming blocks of 256 inputs through Triton's pipeline, two ahead. One
     that narrows (out_proj) from up to 3072 inputs (AiM-B, -L, -XL) gets programs of four outputs
     and four warps that read all their weights in one block before the wait (``block_k`` covers
-    the inputs), while the state update runs; from more (AiM-1B: 2048 programs' worth of
-    registers would not fit in one wave, measured slower) about 400 programs of two warps with
+    the inputs), while the state update runs; from more (AiM-1B: 512 such programs do not fit in
+    one wave, measured slower) about 400 programs of two warps with
     blocks of 1024 inputs, one ahead by hand. ``early``: the next kernel (PDL) may launch as soon
     as this one starts, else when its products are summed; early paid for in_proj below 8M
     weights (its state update then reads the state sooner) and cost elsewhere (the waiting
