@@ -244,7 +244,7 @@ def ssm_update(
     C: torch.Tensor,
 ) -> torch.Tensor:
     """Same contract as ``mamba2.ssm_step``."""
-    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, None, False, 16, 4)[0]
+    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, None, pdl=False, block_p=16, num_warps=4)[0]
 
 
 def ssm_update_gated(
