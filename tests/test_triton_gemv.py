@@ -37,6 +37,10 @@ for m, k, n, dtype, blocks in [(2, 96, 200, torch.float32, {{}}), (3, 160, 70, t
     out = linear(x, weight, **blocks)
     tol = 1e-5 if dtype == torch.float32 else 2**-7
     assert out.dtype == dtype and out.shape == (m, n) and rel(out, ref) < tol, (m, k, n, dtype, rel(out, ref))
+    # kept in float32: only the order of the float32 sums differs from float64 (products of bf16 are exact)
+    out = linear(x, weight, out_dtype=torch.float32, **blocks)
+    exact = x.double() @ weight.double().T
+    assert out.dtype == torch.float32 and rel(out, exact) < 1e-5, ("out_dtype", m, k, n, dtype, rel(out, exact))
 
     # the norm folded in: in_proj of the modulated RMSNorm, out_proj of the gated one + residual add
     stream = torch.randn(m, k, generator=g).to(device) * 3  # float32, like the residual stream

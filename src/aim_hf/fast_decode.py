@@ -101,11 +101,14 @@ class FusedStep:
         )
 
     def prepare(self, modulations: torch.Tensor) -> None:
-        """The adaLN of a generation: ``modulations`` (L, rows, 3, d) from ``layer_modulations``."""
+        """The adaLN of a generation: ``modulations`` (L, rows, 3, d) from ``layer_modulations``.
+        ``in_proj(shift)`` in float32 by the step's own product kernel: ``shift @ weight.float().T``
+        made a float32 copy of every in_proj each generation (about 1.7 ms for AiM-XL)."""
         for i, layer in enumerate(self.model.model.layers):
-            shift, scale, gate = modulations[i].float().unbind(1)
-            self.scales[i] = layer.norm.weight.float() * (1 + scale)
-            self.shifts[i] = shift @ layer.mixer.in_proj.weight.float().T
+            shift, scale, gate = modulations[i].unbind(1)
+            weight = layer.mixer.in_proj.weight
+            self.scales[i] = layer.norm.weight.float() * (1 + scale.float())
+            self.shifts[i] = triton_gemv.linear(shift.to(weight.dtype), weight, out_dtype=torch.float32)
             self.gates[i] = gate
 
     def __call__(self, inputs_embeds: torch.Tensor, final: torch.Tensor, cache: AiMCache) -> torch.Tensor:

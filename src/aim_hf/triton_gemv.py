@@ -215,13 +215,13 @@ def _launch(
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, **launch) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, **launch) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias) for x (m, k) with m <= ``MAX_ROWS``, summed in float32 and
-    rounded once to the weight's dtype, as cuBLAS does. ``launch``: ``block_n``, ``block_k``,
+    rounded once to ``out_dtype`` (default: the weight's dtype, as cuBLAS does). ``launch``: ``block_n``, ``block_k``,
     ``num_warps``, ``stages`` (0: one block ahead by hand; 2 or more: Triton's pipeline) and
     ``early`` (the default of each from ``default_launch``), ``pdl`` (``pdl_supported``: launched
     while the previous kernel finishes) and ``rows_per_program`` (1, 2 or 4)."""
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or weight.dtype, device=x.device)
     return _launch(x, weight, out, **launch)
 
 
