@@ -15,7 +15,9 @@
 #   training    scripts/benchmark_training.py: AiM-B/L, pure-PyTorch mixer vs mamba-ssm kernels
 #   ddp         tests/test_distributed.py on two GPUs with NCCL: DDP and FSDP (a two-GPU machine)
 # carry: .wheels (diffusers, datasets, dill, multiprocess wheels: the GPU image lacks them) and
-# .kernel-pack (scripts/pack_kernels.sh; without it mamba-ssm is built, ~6.5 min).
+# .kernel-pack (scripts/pack_kernels.sh; without it mamba-ssm is built, ~6.5 min, from
+# ../shared/kernels, which does not travel to the device: carry a copy, `cp -r ../shared/kernels
+# .kernels-src`, and the pack lands in $OUT/kernel-pack for the next calls).
 # Usage: bash scripts/gpu_session.sh [stage ...]
 set -uo pipefail
 out=${OUT:-gpu-results}
@@ -25,7 +27,9 @@ python3 -m pip install --no-deps -q .wheels/*.whl
 if [ -d .kernel-pack ]; then
   bash scripts/unpack_kernels.sh .kernel-pack
 else
-  bash ../shared/kernels/build-on-gpu.sh && bash scripts/pack_kernels.sh "$out/kernel-pack"
+  build=../shared/kernels/build-on-gpu.sh
+  [ -f "$build" ] || build=.kernels-src/build-on-gpu.sh
+  bash "$build" && bash scripts/pack_kernels.sh "$out/kernel-pack"
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 pytest=(python3 -m pytest -q -p no:cacheprovider -p no:logging)

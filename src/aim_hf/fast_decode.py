@@ -103,7 +103,7 @@ class FusedStep:
     def prepare(self, modulations: torch.Tensor) -> None:
         """The adaLN of a generation: ``modulations`` (L, rows, 3, d) from ``layer_modulations``.
         ``in_proj(shift)`` in float32 by the step's own product kernel: ``shift @ weight.float().T``
-        made a float32 copy of every in_proj each generation (about 1.7 ms for AiM-XL)."""
+        made a float32 copy of every in_proj each generation (3.6 ms of an AiM-XL image, BENCHMARKS.md)."""
         for i, layer in enumerate(self.model.model.layers):
             shift, scale, gate = modulations[i].unbind(1)
             weight = layer.mixer.in_proj.weight
