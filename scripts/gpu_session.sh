@@ -14,7 +14,9 @@
 #               scripts/profile_generate.py (the class-token pass, the replays, the rest)
 #   training    scripts/benchmark_training.py: AiM-B/L, pure-PyTorch mixer vs mamba-ssm kernels
 #   ddp         tests/test_distributed.py on two GPUs with NCCL: DDP and FSDP (a two-GPU machine)
-# carry: .wheels (diffusers, datasets, dill, multiprocess wheels: the GPU image lacks them) and
+# carry: .wheels (diffusers, datasets, dill, multiprocess wheels: the GPU image lacks them; here:
+# `pip download diffusers datasets dill --no-deps -d .wheels` and `pip download multiprocess
+# --no-deps -d .wheels --python-version 3.12 --only-binary=:all:`, the device's Python) and
 # .kernel-pack (scripts/pack_kernels.sh; without it mamba-ssm is built, ~6.5 min, from
 # ../shared/kernels, which does not travel to the device: carry a copy, `cp -r ../shared/kernels
 # .kernels-src`, and the pack lands in $OUT/kernel-pack for the next calls).
