@@ -171,6 +171,7 @@ class CUDAGraphDecoder:
         self.labels = torch.zeros(rows, dtype=torch.long, device=device)  # with the unconditional half
         self.fused = FusedStep(model, rows) if FusedStep.supported(model, rows, form) else None
         self.fused_draw = config.use_triton_kernels and triton_sampling.supported(model.lm_head.weight, top_k, top_p)
+        self.arrivals = torch.zeros(batch, dtype=torch.int32, device=device)  # the draw's, kept zero
         self.graph: torch.cuda.CUDAGraph | None = None  # one step
         self.start_graph: torch.cuda.CUDAGraph | None = None  # the class token on an empty cache
 
@@ -198,7 +199,9 @@ class CUDAGraphDecoder:
         if self.fused_draw:
             guidance_scale, temperature, top_k, top_p = self.settings
             scale = guidance_scale if self.guided else None
-            triton_sampling.draw(logits, self.uniforms, t, self.codes, self.logits, scale, temperature, top_k, top_p)
+            triton_sampling.draw(
+                logits, self.uniforms, t, self.codes, self.logits, scale, temperature, top_k, top_p, arrivals=self.arrivals
+            )
             return
         code = self.sample(logits, self.uniforms.index_select(1, t).squeeze(1))
         self.codes.index_copy_(1, t, code[:, None])

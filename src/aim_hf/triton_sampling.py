@@ -4,15 +4,16 @@ draw.
 Without top-k or top-p (AiM's default sampling) the draw in PyTorch is about ten small kernels a
 step (the guidance, its copy for inspection, the float64 softmax, the cumulative sum, the
 search, the gathers of the step's uniform and the write of the code): 40-50 us of AiM-B's
-380 us step at batch 1 (BENCHMARKS.md). Here one program per image reads both halves of the
-logits, writes the guided logits and the code, and reads the step index from the device, so
-the CUDA graph replays it as it is. Same draw as ``sampling.sample_inverse_cdf`` of
+380 us step at batch 1 (BENCHMARKS.md). Here one launch reads both halves of the logits, writes
+the guided logits and the code, and reads the step index from the device, so the CUDA graph
+replays it as it is; without filters a row is split over several programs, and the last of them
+to finish draws. Same draw as ``sampling.sample_inverse_cdf`` of
 ``filter_logits(guide(logits), temperature, top_k, top_p)``: the same float32 logits and float64
-masses; only the order of the float64 sums differs (the code moves only if the uniform falls
-within about 1e-16 of a boundary). Top-k and top-p keep the codes at or above a threshold logit,
-as ``filter_logits`` does, but find it without sorting the vocabulary: by bisection over the
-logits' order, counting (top-k) or summing the mass (top-p) above a candidate, with the row in
-registers. Top-p's mass is summed in float32 in another order than ``filter_logits``' cumulative
+masses; only the order of the float64 sums (and a split row's rescaling of its parts) differs, so
+the code moves only if the uniform falls within about 1e-16 of a boundary. Top-k and top-p keep
+the codes at or above a threshold logit, as ``filter_logits`` does, but find it without sorting
+the vocabulary: by bisection over the logits' order, counting (top-k) or summing the mass
+(top-p) above a candidate, with the row in registers. Top-p's mass is summed in float32 in another order than ``filter_logits``' cumulative
 sum, so the set differs only where a code's mass above lies within float32 rounding of top_p;
 with ties at the k-th largest logit all of them stay (``filter_logits`` keeps k of them for
 top-p's mass).
@@ -31,22 +32,26 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _draw_kernel(
-        logits_ptr, uniforms_ptr, t_ptr, codes_ptr, guided_ptr, vocab, batch, scale, temperature,
-        top_k, top_p, l_b, l_v, u_b, u_t, c_b, c_t, g_b, g_v,
+        logits_ptr, uniforms_ptr, t_ptr, codes_ptr, guided_ptr, tops_ptr, masses_ptr, arrivals_ptr,
+        vocab, chunk, batch, scale, temperature, top_k, top_p, l_b, l_v, u_b, u_t, c_b, c_t, g_b, g_v,
         GUIDED: tl.constexpr, BLOCK: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, ROW: tl.constexpr,
+        SPLITS: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
+        part = tl.program_id(1)  # this program's codes: [lo, hi), the whole row without splits
+        lo = part * chunk
+        hi = tl.minimum(lo + chunk, vocab)
         t = tl.load(t_ptr)
-        top = tl.full((), float("-inf"), tl.float32)  # the largest logit / temperature
-        for start in range(0, vocab, BLOCK):
+        top = tl.full((), float("-inf"), tl.float32)  # the largest logit / temperature here
+        for start in range(lo, hi, BLOCK):
             v = start + tl.arange(0, BLOCK)
-            logit = tl.load(logits_ptr + row * l_b + v * l_v, mask=v < vocab, other=0.0).to(tl.float32)
+            logit = tl.load(logits_ptr + row * l_b + v * l_v, mask=v < hi, other=0.0).to(tl.float32)
             if GUIDED:  # the batch is [conditional; unconditional], as sampling.guide
-                uncond = tl.load(logits_ptr + (row + batch) * l_b + v * l_v, mask=v < vocab, other=0.0)
+                uncond = tl.load(logits_ptr + (row + batch) * l_b + v * l_v, mask=v < hi, other=0.0)
                 uncond = uncond.to(tl.float32)
                 logit = uncond + (logit - uncond) * scale
-            tl.store(guided_ptr + row * g_b + v * g_v, logit, mask=v < vocab)
-            top = tl.maximum(top, tl.max(tl.where(v < vocab, logit / temperature, float("-inf")), axis=0))
+            tl.store(guided_ptr + row * g_b + v * g_v, logit, mask=v < hi)
+            top = tl.maximum(top, tl.max(tl.where(v < hi, logit / temperature, float("-inf")), axis=0))
         tl.debug_barrier()  # the guided logits written above are read back by other threads
         threshold = tl.full((), float("-inf"), tl.float32)  # codes below it are filtered out
         if TOP_K or TOP_P:  # the whole row in registers: thresholds by bisection, no sort
@@ -62,32 +67,73 @@ if TRITON_AVAILABLE:
                 at_least = _least_key(key, mass, top_p * tl.sum(mass, axis=0), _order_key(top))
                 kept &= key >= at_least
             threshold = tl.min(tl.where(kept, logit, float("inf")), axis=0)
-        total = tl.zeros((), tl.float64)
-        for start in range(0, vocab, BLOCK):
-            cdf = _cdf(guided_ptr + row * g_b, g_v, start, vocab, temperature, top, threshold, total, BLOCK)
-            total = tl.max(cdf, axis=0)
-        target = tl.load(uniforms_ptr + row * u_b + t * u_t).to(tl.float64) * total
-        # The code is the first whose cumulative mass passes the target; should u * total round up
-        # to the total, the first to reach it (the last with mass), never a code past it.
-        passed = tl.zeros((), tl.int64)
-        reached = tl.zeros((), tl.int64)
-        carry = tl.zeros((), tl.float64)
-        for start in range(0, vocab, BLOCK):
-            cdf = _cdf(guided_ptr + row * g_b, g_v, start, vocab, temperature, top, threshold, carry, BLOCK)
-            valid = start + tl.arange(0, BLOCK) < vocab
-            passed += tl.sum(((cdf <= target) & valid).to(tl.int64), axis=0)
-            reached += tl.sum(((cdf < total) & valid).to(tl.int64), axis=0)
-            carry = tl.max(cdf, axis=0)
-        tl.store(codes_ptr + row * c_b + t * c_t, tl.minimum(passed, reached))
+        mass = tl.zeros((), tl.float64)  # these codes' mass, relative to their own largest logit
+        for start in range(lo, hi, BLOCK):
+            mass = tl.max(_cdf(guided_ptr + row * g_b, g_v, start, hi, temperature, top, threshold, mass, BLOCK), axis=0)
+        if SPLITS == 1:
+            total, carry, rescale = mass, tl.zeros((), tl.float64), tl.full((), 1.0, tl.float64)
+            last = tl.full((), 1, tl.int1)
+        else:  # the last program of the row to arrive draws, from every part's largest logit and mass
+            tl.store(tops_ptr + row * SPLITS + part, top)
+            tl.store(masses_ptr + row * SPLITS + part, mass)
+            tl.debug_barrier()  # every thread's stores before the arrival, which releases them
+            last = tl.atomic_add(arrivals_ptr + row, 1, sem="acq_rel") == SPLITS - 1
+        if last:
+            target = tl.load(uniforms_ptr + row * u_b + t * u_t).to(tl.float64)
+            if SPLITS > 1:
+                tl.store(arrivals_ptr + row, 0)  # zero again for the next draw
+                # what other programs wrote is read from L2 (.cg): this SM's L1 may hold older lines
+                i = tl.arange(0, SPLITS)
+                tops = tl.load(tops_ptr + row * SPLITS + i, cache_modifier=".cg")
+                masses = tl.load(masses_ptr + row * SPLITS + i, cache_modifier=".cg")
+                top = tl.max(tops, axis=0)
+                rescales = tl.exp(tops.to(tl.float64) - top.to(tl.float64))  # to the row's largest logit
+                # the parts' cumulative masses in order, one fma each, as the search below continues
+                # its part's: so the last code with mass ends exactly at the total
+                total = tl.zeros((), tl.float64)
+                cumulative = tl.zeros((SPLITS,), tl.float64)
+                for j in tl.static_range(SPLITS):
+                    total = tl.fma(_element(masses, i, j), _element(rescales, i, j), total)
+                    cumulative = tl.where(i == j, total, cumulative)
+                target *= total
+                # the part that holds the code, as the search below picks a code within it
+                passed = tl.sum((cumulative <= target).to(tl.int32), axis=0)
+                drawn = tl.minimum(passed, tl.sum((cumulative < total).to(tl.int32), axis=0))
+                lo = drawn * chunk
+                hi = tl.minimum(lo + chunk, vocab)
+                carry = _element(cumulative, i, drawn - 1)  # 0 before the first part
+                rescale = _element(rescales, i, drawn)
+                top = _element(tops, i, drawn)
+            else:
+                target *= total
+            # The code is the first whose cumulative mass passes the target; should u * total round up
+            # to the total, the first to reach it (the last with mass), never a code past it.
+            passed = tl.zeros((), tl.int64)
+            reached = tl.zeros((), tl.int64)
+            running = tl.zeros((), tl.float64)
+            for start in range(lo, hi, BLOCK):
+                part_cdf = _cdf(guided_ptr + row * g_b, g_v, start, hi, temperature, top, threshold, running, BLOCK)
+                cdf = tl.fma(part_cdf, rescale, carry)
+                valid = start + tl.arange(0, BLOCK) < hi
+                passed += tl.sum(((cdf <= target) & valid).to(tl.int64), axis=0)
+                reached += tl.sum(((cdf < total) & valid).to(tl.int64), axis=0)
+                running = tl.max(part_cdf, axis=0)
+            tl.store(codes_ptr + row * c_b + t * c_t, lo + tl.minimum(passed, reached))
 
     @triton.jit
-    def _cdf(guided_ptr, g_v, start, vocab, temperature, top, threshold, carry, BLOCK: tl.constexpr):
-        """The cumulative unnormalised mass of one block of codes (none below ``threshold``), after
-        ``carry``; one function for both passes, so that the last value equals the total exactly."""
+    def _cdf(guided_ptr, g_v, start, end, temperature, top, threshold, carry, BLOCK: tl.constexpr):
+        """The cumulative unnormalised mass of one block of codes before ``end`` (none below
+        ``threshold``), after ``carry``; one function for both passes, so that the last value equals
+        the total exactly."""
         v = start + tl.arange(0, BLOCK)
-        logit = tl.load(guided_ptr + v * g_v, mask=v < vocab, other=float("-inf")) / temperature
+        logit = tl.load(guided_ptr + v * g_v, mask=v < end, other=float("-inf"), cache_modifier=".cg") / temperature
         mass = tl.where(logit >= threshold, tl.exp(logit.to(tl.float64) - top.to(tl.float64)), 0.0)
         return tl.cumsum(mass, axis=0) + carry
+
+    @triton.jit
+    def _element(values, index, wanted):
+        """values[wanted] of a small vector (``index`` its arange), exactly; 0 where none is."""
+        return tl.sum(tl.where(index == wanted, values, 0), axis=0)
 
     @triton.jit
     def _order_key(x):
@@ -134,24 +180,42 @@ def draw(
     top_p: float = 1.0,
     block: int | None = None,
     num_warps: int | None = None,
+    splits: int | None = None,
+    arrivals: torch.Tensor | None = None,
 ) -> None:
     """``codes[:, t] = sample_inverse_cdf(filter_logits(guide(logits), temperature, top_k, top_p),
     uniforms[:, t])`` and ``guided = guide(logits)`` (float32), in place. logits (2 x batch, vocab) with guidance
     (``guidance_scale`` not None), else (batch, vocab); uniforms (batch, steps) and codes
-    (batch, steps) indexed by the step t, a (1,) integer tensor on the device. ``block``: codes a
-    pass (default up to 8192), ``num_warps`` (default a warp per 512 codes, up to 16): fastest for
+    (batch, steps) indexed by the step t, a (1,) integer tensor on the device.
+
+    Without top-k or top-p a row's codes are split over ``splits`` programs (a power of two;
+    default one per 2048 codes, up to 32): each sums its part's mass, and the last to finish
+    draws from the parts' sums and searches its part, so a step waits on one short pass instead of
+    three over the whole vocabulary (BENCHMARKS.md). ``arrivals`` (batch,) int32 zeros, left zero,
+    counts the finished parts (default: allocated per call). ``block``: codes a pass (default up
+    to 8192, at most a part), ``num_warps`` (default a warp per 512 codes, up to 16): fastest for
     AiM's 16384 codes at batch 1-256 on an H100 (scripts/benchmark_draw.py)."""
     batch, vocab = codes.shape[0], logits.shape[-1]
     row = triton.next_power_of_2(vocab)
-    block = block or min(8192, row)
-    num_warps = num_warps or max(1, min(16, block // 512))
     top_k = top_k if 0 < top_k < vocab else 0
-    if (top_k or top_p < 1.0) and vocab > MAX_FILTERED_VOCAB:
+    filtered = top_k > 0 or top_p < 1.0
+    if filtered and vocab > MAX_FILTERED_VOCAB:
         raise ValueError(f"top-k/top-p in the draw kernel take up to {MAX_FILTERED_VOCAB} codes, got {vocab}")
-    _draw_kernel[(batch,)](
-        logits, uniforms, t, codes, guided, vocab, batch,
+    if splits is None:
+        splits = 1 if filtered else min(32, triton.next_power_of_2(triton.cdiv(vocab, 2048)))
+    if splits < 1 or splits & (splits - 1) or (filtered and splits != 1):
+        raise ValueError(f"splits must be a power of two, and 1 with top-k or top-p; got {splits}")
+    chunk = triton.cdiv(vocab, splits)
+    block = block or min(8192, triton.next_power_of_2(chunk))
+    num_warps = num_warps or max(1, min(16, block // 512))
+    tops = torch.empty(batch, splits, dtype=torch.float32, device=logits.device)
+    masses = torch.empty(batch, splits, dtype=torch.float64, device=logits.device)
+    if arrivals is None:
+        arrivals = torch.zeros(batch, dtype=torch.int32, device=logits.device)
+    _draw_kernel[(batch, splits)](
+        logits, uniforms, t, codes, guided, tops, masses, arrivals, vocab, chunk, batch,
         1.0 if guidance_scale is None else guidance_scale, temperature, top_k, top_p,
         *logits.stride(), *uniforms.stride(), *codes.stride(), *guided.stride(),
         GUIDED=guidance_scale is not None, BLOCK=block, TOP_K=top_k > 0, TOP_P=top_p < 1.0, ROW=row,
-        num_warps=num_warps,
+        SPLITS=splits, num_warps=num_warps,
     )  # fmt: skip
