@@ -38,10 +38,8 @@ def time_batch(batch: int, top_k: int, top_p: float, args: argparse.Namespace) -
 
     runs = [("sampling.py (PyTorch)", eager)]
     filtered = 0 < top_k < args.vocab or top_p < 1.0
-    for block, warps, splits, ways in itertools.product(
-        args.blocks, args.num_warps, [1] if filtered else args.splits, args.ways if filtered else [4]
-    ):
-        launch = {"block": block or None, "num_warps": warps or None, "splits": splits or None, "ways": ways}
+    for block, warps, splits in itertools.product(args.blocks, args.num_warps, [1] if filtered else args.splits):
+        launch = {"block": block or None, "num_warps": warps or None, "splits": splits or None}
         kernel = functools.partial(draw, logits, uniforms, t, codes, guided, 2.0, 1.0, top_k, top_p, **launch)
         runs.append((f"one kernel {launch}", kernel))
     eager()
@@ -73,9 +71,6 @@ def main() -> None:
     parser.add_argument("--num-warps", nargs="+", type=int, default=[0, 8, 32], help="0: the default")
     parser.add_argument(
         "--splits", nargs="+", type=int, default=[0, 1], help="programs a row without filters (0: the default)"
-    )
-    parser.add_argument(
-        "--ways", nargs="+", type=int, default=[4], help="points a step of the top-k/top-p threshold search"
     )
     parser.add_argument(
         "--filters", nargs="+", default=["0,1"], help="top_k,top_p pairs (0,1: no filter)"

@@ -35,7 +35,7 @@ if TRITON_AVAILABLE:
         logits_ptr, uniforms_ptr, t_ptr, codes_ptr, guided_ptr, tops_ptr, masses_ptr, arrivals_ptr,
         vocab, chunk, batch, scale, temperature, top_k, top_p, l_b, l_v, u_b, u_t, c_b, c_t, g_b, g_v,
         GUIDED: tl.constexpr, BLOCK: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, ROW: tl.constexpr,
-        SPLITS: tl.constexpr, WAYS: tl.constexpr, STEPS: tl.constexpr,
+        SPLITS: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         part = tl.program_id(1)  # this program's codes: [lo, hi), the whole row without splits
@@ -60,11 +60,11 @@ if TRITON_AVAILABLE:
             key = _order_key(logit)
             kept = v < vocab
             if TOP_K:  # the k-th largest logit: the least x with fewer than k logits above it
-                at_least = _least_key(key, tl.where(kept, 1.0, 0.0), top_k * 1.0, _order_key(top), WAYS, STEPS)
+                at_least = _least_key(key, tl.where(kept, 1.0, 0.0), top_k * 1.0, _order_key(top))
                 kept &= key >= at_least
             if TOP_P:  # the least kept logit x whose more likely codes hold less than top_p of the mass
                 mass = tl.where(kept, tl.exp(logit - top), 0.0)
-                at_least = _least_key(key, mass, top_p * tl.sum(mass, axis=0), _order_key(top), WAYS, STEPS)
+                at_least = _least_key(key, mass, top_p * tl.sum(mass, axis=0), _order_key(top))
                 kept &= key >= at_least
             threshold = tl.min(tl.where(kept, logit, float("inf")), axis=0)
         mass = tl.zeros((), tl.float64)  # these codes' mass, relative to their own largest logit
@@ -142,23 +142,17 @@ if TRITON_AVAILABLE:
         return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
     @triton.jit
-    def _least_key(key, weight, limit, upper, WAYS: tl.constexpr, STEPS: tl.constexpr):
-        """The least order key x with ``sum(weight[key > x]) < limit``, by a search between the
+    def _least_key(key, weight, limit, upper):
+        """The least order key x with ``sum(weight[key > x]) < limit``, by bisection between the
         least key and ``upper`` (where the sum is 0). The sum only grows as x falls, and it
-        changes only at the keys, so x is the key of a code. Each step tries ``WAYS`` points of
-        the bracket at once (one block-wide reduction of a vector: a step costs about what a
-        halving did) and keeps the part between the last point below the limit and the first
-        at it; a bracket of n keys becomes less than n / WAYS, so ``STEPS`` = 32 / log2(WAYS) steps
-        cover every int32."""
+        changes only at the keys, so x is the key of a code; 32 halvings cover every int32."""
         lo = tl.min(key, axis=0).to(tl.int64)
         hi = upper.to(tl.int64)
-        way = tl.arange(0, WAYS)
-        for _ in range(STEPS):
-            points = lo + ((hi - lo) * (way + 1)) // WAYS  # the last is hi, below the limit
-            sums = tl.sum(tl.where(key[None, :] > points[:, None], weight[None, :], 0.0), axis=1)
-            above = tl.sum((sums >= limit).to(tl.int32), axis=0)  # points before the first below
-            lo = tl.where(above == 0, lo, _element(points, way, above - 1) + 1)
-            hi = _element(points, way, above)
+        for _ in range(32):
+            mid = lo + (hi - lo) // 2
+            below_limit = tl.sum(tl.where(key > mid, weight, 0.0), axis=0) < limit
+            hi = tl.where(below_limit, mid, hi)
+            lo = tl.where(below_limit, lo, mid + 1)
         return hi
 
 
@@ -188,7 +182,6 @@ def draw(
     num_warps: int | None = None,
     splits: int | None = None,
     arrivals: torch.Tensor | None = None,
-    ways: int = 4,
 ) -> None:
     """``codes[:, t] = sample_inverse_cdf(filter_logits(guide(logits), temperature, top_k, top_p),
     uniforms[:, t])`` and ``guided = guide(logits)`` (float32), in place. logits (2 x batch, vocab) with guidance
@@ -200,9 +193,8 @@ def draw(
     draws from the parts' sums and searches its part, so a step waits on one short pass instead of
     three over the whole vocabulary (BENCHMARKS.md). ``arrivals`` (batch,) int32 zeros, left zero,
     counts the finished parts (default: allocated per call). ``block``: codes a pass (default up
-    to 8192, at most a part), ``num_warps`` (default a warp per 512 codes, up to 16), ``ways``
-    (points a step of the threshold search tries, a power of two from 2): fastest for AiM's 16384
-    codes at batch 1-256 on an H100 (scripts/benchmark_draw.py)."""
+    to 8192, at most a part), ``num_warps`` (default a warp per 512 codes, up to 16): fastest for
+    AiM's 16384 codes at batch 1-256 on an H100 (scripts/benchmark_draw.py)."""
     batch, vocab = codes.shape[0], logits.shape[-1]
     row = triton.next_power_of_2(vocab)
     top_k = top_k if 0 < top_k < vocab else 0
@@ -213,8 +205,6 @@ def draw(
         splits = 1 if filtered else min(32, triton.next_power_of_2(triton.cdiv(vocab, 2048)))
     if splits < 1 or splits & (splits - 1) or (filtered and splits != 1):
         raise ValueError(f"splits must be a power of two, and 1 with top-k or top-p; got {splits}")
-    if ways < 2 or ways & (ways - 1):
-        raise ValueError(f"ways must be a power of two from 2, got {ways}")
     chunk = triton.cdiv(vocab, splits)
     block = block or min(8192, triton.next_power_of_2(chunk))
     num_warps = num_warps or max(1, min(16, block // 512))
@@ -227,5 +217,5 @@ def draw(
         1.0 if guidance_scale is None else guidance_scale, temperature, top_k, top_p,
         *logits.stride(), *uniforms.stride(), *codes.stride(), *guided.stride(),
         GUIDED=guidance_scale is not None, BLOCK=block, TOP_K=top_k > 0, TOP_P=top_p < 1.0, ROW=row,
-        SPLITS=splits, WAYS=ways, STEPS=-(-32 // (ways.bit_length() - 1)), num_warps=num_warps,
+        SPLITS=splits, num_warps=num_warps,
     )  # fmt: skip
