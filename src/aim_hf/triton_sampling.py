@@ -69,7 +69,7 @@ if TRITON_AVAILABLE:
             threshold = tl.min(tl.where(kept, logit, float("inf")), axis=0)
         mass = tl.zeros((), tl.float64)  # these codes' mass, relative to their own largest logit
         for start in range(lo, hi, BLOCK):
-            mass = tl.max(_cdf(guided_ptr + row * g_b, g_v, start, hi, temperature, top, threshold, mass, BLOCK), axis=0)
+            mass = tl.max(_cdf(guided_ptr + row * g_b, g_v, start, hi, temperature, top, threshold, mass, BLOCK, SPLITS > 1), axis=0)
         if SPLITS == 1:
             total, carry, rescale = mass, tl.zeros((), tl.float64), tl.full((), 1.0, tl.float64)
             last = tl.full((), 1, tl.int1)
@@ -112,7 +112,7 @@ if TRITON_AVAILABLE:
             reached = tl.zeros((), tl.int64)
             running = tl.zeros((), tl.float64)
             for start in range(lo, hi, BLOCK):
-                part_cdf = _cdf(guided_ptr + row * g_b, g_v, start, hi, temperature, top, threshold, running, BLOCK)
+                part_cdf = _cdf(guided_ptr + row * g_b, g_v, start, hi, temperature, top, threshold, running, BLOCK, SPLITS > 1)
                 cdf = tl.fma(part_cdf, rescale, carry)
                 valid = start + tl.arange(0, BLOCK) < hi
                 passed += tl.sum(((cdf <= target) & valid).to(tl.int64), axis=0)
@@ -121,12 +121,17 @@ if TRITON_AVAILABLE:
             tl.store(codes_ptr + row * c_b + t * c_t, lo + tl.minimum(passed, reached))
 
     @triton.jit
-    def _cdf(guided_ptr, g_v, start, end, temperature, top, threshold, carry, BLOCK: tl.constexpr):
+    def _cdf(guided_ptr, g_v, start, end, temperature, top, threshold, carry, BLOCK: tl.constexpr, L2: tl.constexpr):
         """The cumulative unnormalised mass of one block of codes before ``end`` (none below
         ``threshold``), after ``carry``; one function for both passes, so that the last value equals
-        the total exactly."""
+        the total exactly. ``L2``: the logits may have been written by another program of the
+        launch, so they are read from L2 (this SM's L1 may hold older lines)."""
         v = start + tl.arange(0, BLOCK)
-        logit = tl.load(guided_ptr + v * g_v, mask=v < end, other=float("-inf"), cache_modifier=".cg") / temperature
+        if L2:
+            logit = tl.load(guided_ptr + v * g_v, mask=v < end, other=float("-inf"), cache_modifier=".cg")
+        else:
+            logit = tl.load(guided_ptr + v * g_v, mask=v < end, other=float("-inf"))
+        logit /= temperature
         mass = tl.where(logit >= threshold, tl.exp(logit.to(tl.float64) - top.to(tl.float64)), 0.0)
         return tl.cumsum(mass, axis=0) + carry
 
