@@ -29,6 +29,7 @@ def time_batch(batch: int, top_k: int, top_p: float, args: argparse.Namespace) -
     codes = torch.zeros(batch, 256, dtype=torch.long, device="cuda")
     guided = torch.zeros(batch, args.vocab, device="cuda")
     t = torch.tensor([5], device="cuda")
+    arrivals = torch.zeros(batch, dtype=torch.int32, device="cuda")  # kept, as the decoder keeps it
 
     def eager() -> None:
         g = guide(logits, 2.0)
@@ -40,7 +41,9 @@ def time_batch(batch: int, top_k: int, top_p: float, args: argparse.Namespace) -
     filtered = 0 < top_k < args.vocab or top_p < 1.0
     for block, warps, splits in itertools.product(args.blocks, args.num_warps, [1] if filtered else args.splits):
         launch = {"block": block or None, "num_warps": warps or None, "splits": splits or None}
-        kernel = functools.partial(draw, logits, uniforms, t, codes, guided, 2.0, 1.0, top_k, top_p, **launch)
+        kernel = functools.partial(
+            draw, logits, uniforms, t, codes, guided, 2.0, 1.0, top_k, top_p, arrivals=arrivals, **launch
+        )
         runs.append((f"one kernel {launch}", kernel))
     eager()
     reference = codes[:, 5].clone()

@@ -115,7 +115,7 @@ def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, batch, 
 
 
 @pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (50, 1.0), (0, 0.9), (100, 0.8)])
-def test_graph_decoder_filters_in_the_draw_kernel_like_sampling(aim_b, top_k, top_p):
+def test_graph_decoder_draw_kernel_like_sampling(aim_b, top_k, top_p):
     """The graph decoder's draw kernel (unfiltered: the row split over several programs; top-k /
     top-p: thresholds by bisection, no sort) draws the same codes as its sampling.py draw (sort /
     topk), same model and uniforms, over a whole generation."""

@@ -13,10 +13,10 @@ masses; only the order of the float64 sums (and a split row's rescaling of its p
 the code moves only if the uniform falls within about 1e-16 of a boundary. Top-k and top-p keep
 the codes at or above a threshold logit, as ``filter_logits`` does, but find it without sorting
 the vocabulary: by bisection over the logits' order, counting (top-k) or summing the mass
-(top-p) above a candidate, with the row in registers. Top-p's mass is summed in float32 in another order than ``filter_logits``' cumulative
-sum, so the set differs only where a code's mass above lies within float32 rounding of top_p;
-with ties at the k-th largest logit all of them stay (``filter_logits`` keeps k of them for
-top-p's mass).
+(top-p) above a candidate, with the row in registers. Top-p's mass is summed in float32 in
+another order than ``filter_logits``' cumulative sum, so the set differs only where a code's mass
+above lies within float32 rounding of top_p; with ties at the k-th largest logit all of them
+stay (``filter_logits`` keeps k of them for top-p's mass).
 """
 
 from __future__ import annotations
@@ -82,10 +82,11 @@ if TRITON_AVAILABLE:
             target = tl.load(uniforms_ptr + row * u_b + t * u_t).to(tl.float64)
             if SPLITS > 1:
                 tl.store(arrivals_ptr + row, 0)  # zero again for the next draw
-                # what other programs wrote is read from L2 (.cg): this SM's L1 may hold older lines
+                # what other programs wrote is read from L2 (.cg), past any line this SM's L1 kept
                 i = tl.arange(0, SPLITS)
                 tops = tl.load(tops_ptr + row * SPLITS + i, cache_modifier=".cg")
                 masses = tl.load(masses_ptr + row * SPLITS + i, cache_modifier=".cg")
+                masses = tl.where(tops > float("-inf"), masses, 0.0)  # a part of -inf logits has none
                 top = tl.max(tops, axis=0)
                 rescales = tl.exp(tops.to(tl.float64) - top.to(tl.float64))  # to the row's largest logit
                 # the parts' cumulative masses in order, one fma each, as the search below continues
@@ -124,8 +125,8 @@ if TRITON_AVAILABLE:
     def _cdf(guided_ptr, g_v, start, end, temperature, top, threshold, carry, BLOCK: tl.constexpr, L2: tl.constexpr):
         """The cumulative unnormalised mass of one block of codes before ``end`` (none below
         ``threshold``), after ``carry``; one function for both passes, so that the last value equals
-        the total exactly. ``L2``: the logits may have been written by another program of the
-        launch, so they are read from L2 (this SM's L1 may hold older lines)."""
+        the total exactly. ``L2``: a split row, whose last program reads logits that other
+        programs of the launch wrote: read from L2, past any line this SM's L1 kept."""
         v = start + tl.arange(0, BLOCK)
         if L2:
             logit = tl.load(guided_ptr + v * g_v, mask=v < end, other=float("-inf"), cache_modifier=".cg")
@@ -196,8 +197,9 @@ def draw(
     Without top-k or top-p a row's codes are split over ``splits`` programs (a power of two;
     default one per 2048 codes, up to 32): each sums its part's mass, and the last to finish
     draws from the parts' sums and searches its part, so a step waits on one short pass instead of
-    three over the whole vocabulary (BENCHMARKS.md). ``arrivals`` (batch,) int32 zeros, left zero,
-    counts the finished parts (default: allocated per call). ``block``: codes a pass (default up
+    three over the whole vocabulary (BENCHMARKS.md); a power of two, as the last program holds the
+    parts' sums in one block. ``arrivals`` (batch,) int32 zeros, left zero, counts the finished
+    parts (default: allocated per call with more than one part; the decoder keeps one). ``block``: codes a pass (default up
     to 8192, at most a part), ``num_warps`` (default a warp per 512 codes, up to 16): fastest for
     AiM's 16384 codes at batch 1-256 on an H100 (scripts/benchmark_draw.py)."""
     batch, vocab = codes.shape[0], logits.shape[-1]
@@ -213,10 +215,15 @@ def draw(
     chunk = triton.cdiv(vocab, splits)
     block = block or min(8192, triton.next_power_of_2(chunk))
     num_warps = num_warps or max(1, min(16, block // 512))
-    tops = torch.empty(batch, splits, dtype=torch.float32, device=logits.device)
-    masses = torch.empty(batch, splits, dtype=torch.float64, device=logits.device)
-    if arrivals is None:
-        arrivals = torch.zeros(batch, dtype=torch.int32, device=logits.device)
+    if splits == 1:  # no parts' sums to pass on: placeholders, not read
+        tops = masses = arrivals = guided
+    else:
+        tops = torch.empty(batch, splits, dtype=torch.float32, device=logits.device)
+        masses = torch.empty(batch, splits, dtype=torch.float64, device=logits.device)
+        if arrivals is None:
+            arrivals = torch.zeros(batch, dtype=torch.int32, device=logits.device)
+        if arrivals.shape != (batch,) or arrivals.dtype != torch.int32:
+            raise ValueError(f"arrivals must be (batch,) = ({batch},) int32 zeros, got {tuple(arrivals.shape)} {arrivals.dtype}")
     _draw_kernel[(batch, splits)](
         logits, uniforms, t, codes, guided, tops, masses, arrivals, vocab, chunk, batch,
         1.0 if guidance_scale is None else guidance_scale, temperature, top_k, top_p,
