@@ -19,7 +19,7 @@ import triton.testing
 from benchmark import write_result  # scripts/ is on the path when run as a script
 
 from aim_hf.sampling import filter_logits, guide, sample_inverse_cdf
-from aim_hf.triton_sampling import draw
+from aim_hf.triton_sampling import draw, filtered
 
 
 def time_batch(batch: int, top_k: int, top_p: float, args: argparse.Namespace) -> list[dict]:
@@ -38,8 +38,8 @@ def time_batch(batch: int, top_k: int, top_p: float, args: argparse.Namespace) -
         codes.index_copy_(1, t, code[:, None])
 
     runs = [("sampling.py (PyTorch)", eager)]
-    filtered = 0 < top_k < args.vocab or top_p < 1.0
-    for block, warps, splits in itertools.product(args.blocks, args.num_warps, [1] if filtered else args.splits):
+    splits_tried = [1] if filtered(args.vocab, top_k, top_p) else args.splits
+    for block, warps, splits in itertools.product(args.blocks, args.num_warps, splits_tried):
         launch = {"block": block or None, "num_warps": warps or None, "splits": splits or None}
         kernel = functools.partial(
             draw, logits, uniforms, t, codes, guided, 2.0, 1.0, top_k, top_p, arrivals=arrivals, **launch

@@ -12,9 +12,9 @@ pytest.importorskip("triton")
 # (and rescaled per part when a row is split), so a code can differ only where a uniform falls
 # within ~1e-15 of a boundary: the codes must be equal except there, which among these few hundred
 # draws happens only at the largest uniform (1 - 2^-53, the last codes' masses below 1e-16 at
-# guidance 4), checked then to lie within 1e-12 of the code's CDF interval. Top-k's set is exact; top-p's mass is summed in
-# float32 in another order than filter_logits', so its set could differ only where a code's mass
-# above lies within ~1e-7 of top_p: not for these draws either.
+# guidance 4), checked then to lie within 1e-12 of the code's CDF interval. Top-k's set is exact;
+# top-p's mass is summed in float32 in another order than filter_logits', so its set could differ
+# only where a code's mass above lies within ~1e-7 of top_p: not for these draws either.
 CHECK = """
 import torch
 from aim_hf.sampling import filter_logits, guide, sample_inverse_cdf
@@ -33,10 +33,11 @@ for batch, vocab, dtype, scale, temperature in [(3, 5000, torch.bfloat16, 2.0, 1
     # the default block and parts, several blocks a row or a part, one part (the whole row in one
     # program), more parts than the default (some empty at 300 codes), and top-k / top-p
     # (thresholds by bisection, no sort; one part)
-    for step, block, splits, top_k, top_p in [(0, None, None, 0, 1.0), (5, None, None, 0, 1.0), (5, 64, 4, 0, 1.0),
-                                              (6, 1024, 1, 0, 1.0), (6, None, 32, 0, 1.0), (1, None, None, 1, 1.0),
-                                              (2, None, None, 37, 1.0), (3, None, None, 0, 0.8),
-                                              (4, 1024, None, 200, 0.9)]:
+    for step, block, splits, top_k, top_p in [
+        (0, None, None, 0, 1.0), (5, None, None, 0, 1.0), (5, 64, 4, 0, 1.0), (6, 1024, 1, 0, 1.0),
+        (6, None, 32, 0, 1.0), (1, None, None, 1, 1.0), (2, None, None, 37, 1.0), (3, None, None, 0, 0.8),
+        (4, 1024, None, 200, 0.9),
+    ]:
         t = torch.tensor([step], device=device)
         codes = torch.full((batch, 7), -1, dtype=torch.long, device=device)
         guided = torch.zeros(batch, vocab, device=device)
@@ -48,7 +49,8 @@ for batch, vocab, dtype, scale, temperature in [(3, 5000, torch.bfloat16, 2.0, 1
         err = ((guided.double() - ref_guided.double()).abs().max() / ref_guided.double().abs().max()).item()
         assert err < 2**-22, (batch, vocab, err)
         differ = (codes[:, step] != ref).nonzero().flatten().tolist()
-        assert set(differ) <= {{0}} and (not differ or step == 5), (batch, vocab, step, splits, top_k, top_p, differ)
+        where = (batch, vocab, step, splits, top_k, top_p, differ)
+        assert set(differ) <= {{0}} and (not differ or step == 5), where
         for row in differ:  # the largest uniform: a code with mass whose CDF interval holds it, up to rounding
             probs = filter_logits(ref_guided, temperature, top_k, top_p)[row].double().softmax(-1).cpu()
             cdf, code, u = probs.cumsum(-1), codes[row, step].item(), uniforms[row, step].item()
@@ -64,8 +66,8 @@ logits[1, :2048] = float("-inf")
 logits, uniforms = logits.to(device), torch.rand(2, 1, generator=g, dtype=torch.float64).to(device)
 for splits in (1, 2, 4):
     codes = torch.full((2, 1), -1, dtype=torch.long, device=device)
-    draw(logits, uniforms, torch.tensor([0], device=device), codes, torch.zeros(2, 4096, device=device), None, 1.0,
-         splits=splits)
+    guided = torch.zeros(2, 4096, device=device)
+    draw(logits, uniforms, torch.tensor([0], device=device), codes, guided, None, 1.0, splits=splits)
     assert torch.equal(codes[:, 0], sample_inverse_cdf(logits, uniforms[:, 0])), (splits, codes)
 print("ok")
 """

@@ -200,8 +200,9 @@ class CUDAGraphDecoder:
             guidance_scale, temperature, top_k, top_p = self.settings
             scale = guidance_scale if self.guided else None
             triton_sampling.draw(
-                logits, self.uniforms, t, self.codes, self.logits, scale, temperature, top_k, top_p, arrivals=self.arrivals
-            )
+                logits, self.uniforms, t, self.codes, self.logits, scale, temperature, top_k, top_p,
+                arrivals=self.arrivals,
+            )  # fmt: skip
             return
         code = self.sample(logits, self.uniforms.index_select(1, t).squeeze(1))
         self.codes.index_copy_(1, t, code[:, None])

@@ -38,6 +38,7 @@ if TRITON_AVAILABLE:
         SPLITS: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
+        guided_row = guided_ptr + row * g_b
         part = tl.program_id(1)  # this program's codes: [lo, hi), the whole row without splits
         lo = part * chunk
         hi = tl.minimum(lo + chunk, vocab)
@@ -50,13 +51,13 @@ if TRITON_AVAILABLE:
                 uncond = tl.load(logits_ptr + (row + batch) * l_b + v * l_v, mask=v < hi, other=0.0)
                 uncond = uncond.to(tl.float32)
                 logit = uncond + (logit - uncond) * scale
-            tl.store(guided_ptr + row * g_b + v * g_v, logit, mask=v < hi)
+            tl.store(guided_row + v * g_v, logit, mask=v < hi)
             top = tl.maximum(top, tl.max(tl.where(v < hi, logit / temperature, float("-inf")), axis=0))
         tl.debug_barrier()  # the guided logits written above are read back by other threads
         threshold = tl.full((), float("-inf"), tl.float32)  # codes below it are filtered out
         if TOP_K or TOP_P:  # the whole row in registers: thresholds by bisection, no sort
             v = tl.arange(0, ROW)
-            logit = tl.load(guided_ptr + row * g_b + v * g_v, mask=v < vocab, other=float("-inf")) / temperature
+            logit = tl.load(guided_row + v * g_v, mask=v < vocab, other=float("-inf")) / temperature
             key = _order_key(logit)
             kept = v < vocab
             if TOP_K:  # the k-th largest logit: the least x with fewer than k logits above it
@@ -69,7 +70,8 @@ if TRITON_AVAILABLE:
             threshold = tl.min(tl.where(kept, logit, float("inf")), axis=0)
         mass = tl.zeros((), tl.float64)  # these codes' mass, relative to their own largest logit
         for start in range(lo, hi, BLOCK):
-            mass = tl.max(_cdf(guided_ptr + row * g_b, g_v, start, hi, temperature, top, threshold, mass, BLOCK, SPLITS > 1), axis=0)
+            cdf = _cdf(guided_row, g_v, start, hi, temperature, top, threshold, mass, BLOCK, SPLITS > 1)
+            mass = tl.max(cdf, axis=0)
         if SPLITS == 1:
             total, carry, rescale = mass, tl.zeros((), tl.float64), tl.full((), 1.0, tl.float64)
             last = tl.full((), 1, tl.int1)
@@ -113,7 +115,9 @@ if TRITON_AVAILABLE:
             reached = tl.zeros((), tl.int64)
             running = tl.zeros((), tl.float64)
             for start in range(lo, hi, BLOCK):
-                part_cdf = _cdf(guided_ptr + row * g_b, g_v, start, hi, temperature, top, threshold, running, BLOCK, SPLITS > 1)
+                part_cdf = _cdf(
+                    guided_row, g_v, start, hi, temperature, top, threshold, running, BLOCK, SPLITS > 1
+                )
                 cdf = tl.fma(part_cdf, rescale, carry)
                 valid = start + tl.arange(0, BLOCK) < hi
                 passed += tl.sum(((cdf <= target) & valid).to(tl.int64), axis=0)
@@ -122,7 +126,9 @@ if TRITON_AVAILABLE:
             tl.store(codes_ptr + row * c_b + t * c_t, lo + tl.minimum(passed, reached))
 
     @triton.jit
-    def _cdf(guided_ptr, g_v, start, end, temperature, top, threshold, carry, BLOCK: tl.constexpr, L2: tl.constexpr):
+    def _cdf(
+        guided_ptr, g_v, start, end, temperature, top, threshold, carry, BLOCK: tl.constexpr, L2: tl.constexpr
+    ):
         """The cumulative unnormalised mass of one block of codes before ``end`` (none below
         ``threshold``), after ``carry``; one function for both passes, so that the last value equals
         the total exactly. ``L2``: a split row, whose last program reads logits that other
@@ -165,13 +171,18 @@ if TRITON_AVAILABLE:
 MAX_FILTERED_VOCAB = 16384  # top-k/top-p hold a row in registers: 32 logits a thread at 16 warps
 
 
+def filtered(vocab: int, top_k: int, top_p: float) -> bool:
+    """Whether top-k or top-p removes any code: then the draw keeps one program a row."""
+    return 0 < top_k < vocab or top_p < 1.0
+
+
 def supported(head: torch.Tensor, top_k: int, top_p: float) -> bool:
     """For logits from ``head`` (the (vocab, d) weight of lm_head): on CUDA with Triton, in half or
     single precision (float64 logits are guided in float64: ``sampling``); with top-k or top-p
     for up to ``MAX_FILTERED_VOCAB`` codes."""
     vocab = head.shape[0]
-    filtered = 0 < top_k < vocab or top_p < 1.0
-    return head.is_cuda and triton_ssm.supported(head) and (not filtered or vocab <= MAX_FILTERED_VOCAB)
+    fits = not filtered(vocab, top_k, top_p) or vocab <= MAX_FILTERED_VOCAB
+    return head.is_cuda and triton_ssm.supported(head) and fits
 
 
 def draw(
@@ -199,18 +210,19 @@ def draw(
     draws from the parts' sums and searches its part, so a step waits on one short pass instead of
     three over the whole vocabulary (BENCHMARKS.md); a power of two, as the last program holds the
     parts' sums in one block. ``arrivals`` (batch,) int32 zeros, left zero, counts the finished
-    parts (default: allocated per call with more than one part; the decoder keeps one). ``block``: codes a pass (default up
-    to 8192, at most a part), ``num_warps`` (default a warp per 512 codes, up to 16): fastest for
-    AiM's 16384 codes at batch 1-256 on an H100 (scripts/benchmark_draw.py)."""
+    parts (default: allocated per call with more than one part; the decoder keeps one).
+    ``block``: codes a pass (default up to 8192, at most a part), ``num_warps`` (default a warp per
+    512 codes, up to 16): fastest for AiM's 16384 codes at batch 1-256 on an H100
+    (scripts/benchmark_draw.py)."""
     batch, vocab = codes.shape[0], logits.shape[-1]
     row = triton.next_power_of_2(vocab)
+    with_filters = filtered(vocab, top_k, top_p)
     top_k = top_k if 0 < top_k < vocab else 0
-    filtered = top_k > 0 or top_p < 1.0
-    if filtered and vocab > MAX_FILTERED_VOCAB:
+    if with_filters and vocab > MAX_FILTERED_VOCAB:
         raise ValueError(f"top-k/top-p in the draw kernel take up to {MAX_FILTERED_VOCAB} codes, got {vocab}")
     if splits is None:
-        splits = 1 if filtered else min(32, triton.next_power_of_2(triton.cdiv(vocab, 2048)))
-    if splits < 1 or splits & (splits - 1) or (filtered and splits != 1):
+        splits = 1 if with_filters else min(32, triton.next_power_of_2(triton.cdiv(vocab, 2048)))
+    if splits < 1 or splits & (splits - 1) or (with_filters and splits != 1):
         raise ValueError(f"splits must be a power of two, and 1 with top-k or top-p; got {splits}")
     chunk = triton.cdiv(vocab, splits)
     block = block or min(8192, triton.next_power_of_2(chunk))
@@ -223,7 +235,8 @@ def draw(
         if arrivals is None:
             arrivals = torch.zeros(batch, dtype=torch.int32, device=logits.device)
         if arrivals.shape != (batch,) or arrivals.dtype != torch.int32:
-            raise ValueError(f"arrivals must be (batch,) = ({batch},) int32 zeros, got {tuple(arrivals.shape)} {arrivals.dtype}")
+            got = f"{tuple(arrivals.shape)} {arrivals.dtype}"
+            raise ValueError(f"arrivals must be (batch,) = ({batch},) int32 zeros, got {got}")
     _draw_kernel[(batch, splits)](
         logits, uniforms, t, codes, guided, tops, masses, arrivals, vocab, chunk, batch,
         1.0 if guidance_scale is None else guidance_scale, temperature, top_k, top_p,
