@@ -64,6 +64,20 @@ for m, k, n, dtype, blocks in [(2, 96, 200, torch.float32, {{}}), (3, 160, 70, t
     squares = torch.stack([part.pow(2).sum(-1) for part in stream.chunk(3, dim=-1)], -1)  # the statistic in 3 parts
     out = norm_linear_residual((stream * vector).to(dtype), squares, weight, residual, gate, 1e-5, **blocks)
     assert out.dtype == torch.float32 and rel(out, ref) < tol, ("norm_linear_residual", m, k, n, dtype, rel(out, ref))
+    # out_proj also writing the next in_proj's input (out times its scale, in the weights' dtype, and
+    # the statistic of out in parts), and that in_proj from it, against float64 from out
+    next_scale = (1 + 0.3 * torch.randn(m, n, generator=g)).to(device)
+    next_weight = (torch.randn(24, n, generator=g) / n**0.5).to(device, dtype)
+    next_bias = torch.randn(m, 24, generator=g).to(device)
+    same, scaled, parts = norm_linear_residual(
+        (stream * vector).to(dtype), squares, weight, residual, gate, 1e-5, next_scale, **blocks
+    )
+    assert torch.equal(same, out) and scaled.dtype == dtype and parts.shape[0] == m
+    assert rel(parts.sum(-1), out.double().pow(2).sum(-1)) < 1e-5, ("parts", m, k, n, dtype)
+    normed = out.double() * torch.rsqrt(out.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    ref = (normed * next_scale.double()) @ next_weight.double().T + next_bias.double()
+    out = norm_linear(scaled, None, next_bias, next_weight, 1e-5, squares=parts, **blocks)
+    assert rel(out, ref) < tol, ("norm_linear from parts", m, k, n, dtype, rel(out, ref))
 print("ok")
 """
 
@@ -77,6 +91,16 @@ def test_bad_rows_per_program():
 
     with pytest.raises(ValueError, match="rows_per_program must be 1, 2 or 4, got 3"):
         linear(torch.ones(2, 8), torch.ones(4, 8), rows_per_program=3)
+
+
+def test_norm_linear_takes_a_scale_or_the_statistic():
+    from aim_hf.triton_gemv import norm_linear
+
+    x, weight, bias = torch.ones(2, 8), torch.ones(4, 8), torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="scale .x unscaled. or squares .x scaled., got neither"):
+        norm_linear(x, None, bias, weight, 1e-5)
+    with pytest.raises(ValueError, match="got both"):
+        norm_linear(x, torch.ones(8), bias, weight, 1e-5, squares=torch.ones(2, 3))
 
 
 @pytest.mark.gpu

@@ -71,10 +71,13 @@ class FusedStep:
     SSM group: in_proj with the residual stream's RMSNorm and adaLN before it and the conv step
     after it folded in (``norm_linear``), the state update returning the gated norm's input times
     its weight and the norm's statistic in parts (``ssm_update_gated``), and out_proj with that
-    norm and the residual add folded in (``norm_linear_residual``). The adaLN's shift and scale
-    enter as ``u = norm weight * (1 + scale)`` and ``c = in_proj(shift)``, computed once per
-    generation by ``prepare``. Same values as ``AiMModel.step`` up to float32 rounding (the
-    residual stream's norm input is not rounded to bf16 here). On Hopper the three are launched
+    norm and the residual add folded in (``norm_linear_residual``), which also writes the next
+    in_proj's input: the new stream times that layer's scale, in the weights' dtype, with its norm's
+    statistic in parts. The adaLN's shift and scale enter as ``u = norm weight * (1 + scale)`` and
+    ``c = in_proj(shift)``, computed once per generation by ``prepare``. Same values as
+    ``AiMModel.step`` up to float32 rounding; in bf16 in_proj's input is rounded once (the stream
+    times u, the 1/rms applied to the products), where ``AiMModel.step`` rounds the norm, the
+    scale and the shift in turn. On Hopper the three are launched
     early (programmatic dependent launch): each reads its weights, and what kernels before the
     last one wrote, while the last one ends (``triton_ssm.pdl_launch``)."""
 
@@ -116,11 +119,12 @@ class FusedStep:
         hidden state (rows, d)."""
         model, pdl = self.model.model, self.pdl
         stream = inputs_embeds.float()
+        inputs, scale, parts = stream, self.scales[0], None  # the first in_proj scales the stream itself
         for i, layer in enumerate(model.layers):
             mixer, layer_cache = layer.mixer, cache.layer(i)
             conv = (layer_cache.conv, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.d_inner)
             zxbcdt = triton_gemv.norm_linear(
-                stream, self.scales[i], self.shifts[i], mixer.in_proj.weight, layer.norm.eps, conv, pdl=pdl
+                inputs, scale, self.shifts[i], mixer.in_proj.weight, layer.norm.eps, conv, parts, pdl=pdl
             )
             z, xbc, dt = mixer._split(zxbcdt)  # xbc convolved
             x, B, C = mixer._split_xbc(xbc)
@@ -129,9 +133,12 @@ class FusedStep:
                 mixer.norm.weight, pdl=pdl,
             )  # fmt: skip
             out_proj, gate = mixer.out_proj.weight, self.gates[i]
-            stream = triton_gemv.norm_linear_residual(
-                gated.flatten(-2), squares, out_proj, stream, gate, mixer.norm.eps, pdl=pdl
+            following = self.scales[i + 1] if i + 1 < len(model.layers) else None  # the next in_proj's scale
+            result = triton_gemv.norm_linear_residual(
+                gated.flatten(-2), squares, out_proj, stream, gate, mixer.norm.eps, following, pdl=pdl
             )
+            stream, inputs, parts = result if following is not None else (result, None, None)
+            scale = None
         cache.length.add_(1)
         return compiled(finish)(model, stream, final)
 

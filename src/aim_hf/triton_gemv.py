@@ -81,9 +81,11 @@ if TRITON_AVAILABLE:
         x_ptr, u_ptr, w_ptr, c_ptr, res_ptr, gate_ptr, sq_ptr, out_ptr, M, N, K, eps, parts,
         x_m, x_k, u_m, u_k, w_n, w_k, c_m, c_n, r_m, r_n, g_m, g_n, sq_m, o_m, o_n,
         win_ptr, tap_ptr, tb_ptr, first, channels, v_b, v_c, v_k, t_c, t_k,
+        nu_ptr, nx_ptr, nsq_ptr, nu_m, nu_n, nx_m, nx_n, nsq_m,
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
         NORM: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
         STAGES: tl.constexpr, EARLY: tl.constexpr, ONE_BLOCK: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr, TAP_BIAS: tl.constexpr,
+        NEXT: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,6 +102,8 @@ if TRITON_AVAILABLE:
         if RESIDUAL:
             gate = tl.load(gate_ptr + r * g_m + c * g_n, mask=outputs, other=0.0).to(tl.float32)
             residual = tl.load(res_ptr + r * r_m + c * r_n, mask=outputs, other=0.0).to(tl.float32)
+        if NEXT:
+            next_scale = tl.load(nu_ptr + r * nu_m + c * nu_n, mask=outputs, other=0.0).to(tl.float32)
         if TAPS:  # the conv's window (rows, outputs, taps) of the channels among these outputs
             conv = (n >= first) & (n < first + channels)
             j = tl.where(conv, n - first, 0)
@@ -145,6 +149,10 @@ if TRITON_AVAILABLE:
             out += bias
         if RESIDUAL:
             out = residual + gate * out
+        if NEXT:  # the next in_proj's input, scaled, and this block's part of its norm's statistic
+            tl.store(nx_ptr + r * nx_m + c * nx_n, (out * next_scale).to(nx_ptr.dtype.element_ty), mask=outputs)
+            square_sum = tl.sum(tl.where(outputs, out * out, 0.0), axis=1)
+            tl.store(nsq_ptr + rows * nsq_m + tl.program_id(1), square_sum, mask=rows < M)
         if TAPS:  # the conv step and its SiLU, on the outputs rounded to their dtype (as conv_step)
             newest = out.to(out_ptr.dtype.element_ty).to(win_ptr.dtype.element_ty)
             window_values = tl.where(t == TAPS - 1, newest[:, :, None], older)
@@ -180,7 +188,8 @@ def _launch(
     rows_per_program: int = 2,
     early: bool | None = None,
     conv: tuple | None = None,
-) -> torch.Tensor:
+    next_scale: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, k = x.shape
     n = weight.shape[0]
     if rows_per_program not in (1, 2, 4):
@@ -191,7 +200,14 @@ def _launch(
     scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
     unread = x  # placeholder for the pointers a launch does not read
     window, taps, tap_bias, first = conv if conv is not None else (unread, unread, None, 0)
-    _gemv_kernel[(triton.cdiv(m, rows), triton.cdiv(n, launch["block_n"]))](
+    grid = (triton.cdiv(m, rows), triton.cdiv(n, launch["block_n"]))
+    if next_scale is not None:  # the next in_proj's scaled input and its statistic, a part a program
+        next_scale = next_scale.expand(m, n)
+        next_input = torch.empty(m, n, dtype=weight.dtype, device=x.device)
+        next_squares = torch.empty(m, grid[1], dtype=torch.float32, device=x.device)
+    else:
+        next_input = next_squares = out  # placeholders, not read
+    _gemv_kernel[grid](
         x, unread if scale is None else scale, weight, unread if bias is None else bias,
         unread if residual is None else residual, unread if gate is None else gate,
         unread if squares is None else squares, out,
@@ -203,16 +219,18 @@ def _launch(
         *out.stride(),
         window, taps, unread if tap_bias is None else tap_bias, first, taps.shape[0] if conv else 0,
         *(window.stride() if conv else (0, 0, 0)), *(taps.stride() if conv else (0, 0)),
+        out if next_scale is None else next_scale, next_input, next_squares,
+        *(out if next_scale is None else next_scale).stride(), *next_input.stride(), next_squares.stride(0),
         ROWS=rows, BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"],
         PARTS=0 if squares is None else triton.next_power_of_2(squares.shape[1]), NORM=eps is not None, SCALE=scale is not None,
         BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl,
         STAGES=launch["stages"], num_warps=launch["num_warps"],
         TAPS=window.shape[-1] if conv else 0, BLOCK_T=triton.next_power_of_2(window.shape[-1]) if conv else 1,
-        TAP_BIAS=tap_bias is not None, EARLY=launch["early"],
+        TAP_BIAS=tap_bias is not None, EARLY=launch["early"], NEXT=next_scale is not None,
         ONE_BLOCK=launch["stages"] == 0 and launch["block_k"] >= k,
         **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip
-    return out
+    return out if next_scale is None else (out, next_input, next_squares)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, **launch) -> torch.Tensor:
@@ -227,11 +245,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
 
 def norm_linear(
     x: torch.Tensor,
-    scale: torch.Tensor,
+    scale: torch.Tensor | None,
     bias: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
     conv: tuple | None = None,
+    squares: torch.Tensor | None = None,
     **launch,
 ) -> torch.Tensor:
     """``rmsnorm(x) * scale`` through ``weight``, plus ``bias``, in one pass over x: in_proj of
@@ -242,9 +261,18 @@ def norm_linear(
     ``conv = (window, taps, tap_bias, first)``: the outputs ``first`` to ``first + channels`` also
     take the depthwise conv step and SiLU (``mamba2.conv_step``: window (m, channels, width)
     updated in place, taps (channels, width), tap_bias (channels,) or None), so that in_proj's
-    xBC comes out convolved and the conv needs no kernel of its own."""
+    xBC comes out convolved and the conv needs no kernel of its own.
+
+    ``squares`` (m, parts): x comes scaled already, ``x * scale`` in the weight's dtype, with
+    partial sums of the unscaled x**2 whose total is the norm's statistic (from the previous
+    out_proj, ``norm_linear_residual(..., next_scale=scale)``), and ``scale`` is None. Each
+    program reads the whole input: one vector in bf16 is a quarter of the float32 stream and its
+    scale, which were as many bytes as the weights for AiM-XL's in_proj (BENCHMARKS.md)."""
+    if (scale is None) == (squares is None):
+        given = "neither" if scale is None else "both"
+        raise ValueError(f"norm_linear takes scale (x unscaled) or squares (x scaled), got {given}")
     out = torch.empty(x.shape[0], weight.shape[0], dtype=weight.dtype, device=x.device)
-    return _launch(x, weight, out, scale=scale, bias=bias, eps=eps, conv=conv, **launch)
+    return _launch(x, weight, out, scale=scale, bias=bias, squares=squares, eps=eps, conv=conv, **launch)
 
 
 def norm_linear_residual(
@@ -254,11 +282,16 @@ def norm_linear_residual(
     residual: torch.Tensor,
     gate: torch.Tensor,
     eps: float,
+    next_scale: torch.Tensor | None = None,
     **launch,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``residual + gate * linear(rmsnorm(g) * norm_weight, weight)`` in float32: out_proj of the
     gated RMSNorm (one group) with the block's residual add, from what ``ssm_update_gated``
     returns: x = g * norm_weight (m, k) and ``squares`` (m, parts), partial sums of g**2 whose
-    total is the norm's statistic. residual and gate (m, n)."""
+    total is the norm's statistic. residual and gate (m, n).
+
+    ``next_scale`` (m, n) or (n,), the next layer's in_proj scale: returns (out, out * next_scale
+    in the weight's dtype, the partial sums of out**2 (m, parts)), the input of
+    ``norm_linear(..., squares=...)``."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
-    return _launch(x, weight, out, residual=residual, gate=gate, squares=squares, eps=eps, **launch)
+    return _launch(x, weight, out, residual=residual, gate=gate, squares=squares, eps=eps, next_scale=next_scale, **launch)
