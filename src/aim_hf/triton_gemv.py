@@ -45,8 +45,8 @@ def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
     the inputs), while the state update runs; from more (AiM-1B: 512 such programs do not fit in
     one wave, measured slower) about 400 programs of two warps with
     blocks of 1024 inputs, one ahead by hand. ``early``: the next kernel (PDL) may launch as soon
-    as this one starts, else when its products are summed; early paid for in_proj below 8M
-    weights (its state update then reads the state sooner) and cost elsewhere (the waiting
+    as this one starts, else when its products are summed; early paid for in_proj up to AiM-XL's
+    10M weights (its state update then reads the state sooner) and cost elsewhere (the waiting
     programs hold SM slots this one needs)."""
     padded = 1 << (inputs - 1).bit_length()
     if outputs < inputs and inputs <= 3072:
@@ -59,7 +59,7 @@ def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
         "block_k": min(block_k, padded),
         "stages": 3 if widens else 0,
         "num_warps": 1 if widens else 2,
-        "early": widens and outputs * inputs < 8_000_000,
+        "early": widens and outputs * inputs < 12_000_000,
     }
 
 
