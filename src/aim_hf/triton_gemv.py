@@ -38,8 +38,8 @@ MAX_ROWS = 2  # batch 1 with guidance; at 4 rows cuBLAS was faster for AiM-XL (B
 def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
     """Blocks, pipeline, warps and when the next kernel may launch, for a projection of this shape:
     fastest in decoding steps of AiM-B, -L, -XL and -1B at 2 rows on an H100 (BENCHMARKS.md). One
-    that widens (in_proj) gets about 800 programs (over the ``row_groups``, programs that share no
-    rows) of one warp, streaming blocks of 256 inputs through Triton's pipeline, two ahead. One
+    that widens (in_proj) gets about 800 programs (1600 from 12M weights: AiM-1B) (over the
+    ``row_groups``, programs that share no rows) of one warp, streaming blocks of 256 inputs through Triton's pipeline, two ahead. One
     that narrows (out_proj) from up to 3072 inputs (AiM-B, -L, -XL) gets programs of four outputs
     and four warps that read all their weights in one block before the wait (``block_k`` covers
     the inputs), while the state update runs; from more (AiM-1B: 512 such programs do not fit in
@@ -53,6 +53,8 @@ def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
         return {"block_n": 4, "block_k": padded, "stages": 0, "num_warps": 4, "early": False}
     widens = outputs >= inputs
     programs, block_k = (800, 256) if widens else (400, 1024)
+    if widens and outputs * inputs >= 12_000_000:
+        programs = 1600
     block_n = 1 << max(1, min(5, round(math.log2(max(1.0, row_groups * outputs / programs)))))
     return {
         "block_n": block_n,
