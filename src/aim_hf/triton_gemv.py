@@ -269,7 +269,8 @@ def norm_linear(
     partial sums of the unscaled x**2 whose total is the norm's statistic (from the previous
     out_proj, ``norm_linear_residual(..., next_scale=scale)``), and ``scale`` is None. Each
     program reads the whole input: one vector in bf16 is a quarter of the float32 stream and its
-    scale, which were as many bytes as the weights for AiM-XL's in_proj (BENCHMARKS.md)."""
+    scale, which were as many bytes as the weights for AiM-XL's in_proj; the batch-1 loop was 2-5%
+    faster for AiM-B, -L and -XL (BENCHMARKS.md)."""
     if (scale is None) == (squares is None):
         given = "neither" if scale is None else "both"
         raise ValueError(f"norm_linear takes scale (x unscaled) or squares (x scaled), got {given}")
