@@ -37,17 +37,18 @@ MAX_ROWS = 2  # batch 1 with guidance; at 4 rows cuBLAS was faster for AiM-XL (B
 
 def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
     """Blocks, pipeline, warps and when the next kernel may launch, for a projection of this shape:
-    fastest in decoding steps of AiM-B, -L, -XL and -1B at 2 rows on an H100 (BENCHMARKS.md). One
-    that widens (in_proj) gets about 800 programs (1600 from 12M weights: AiM-1B; over the
+    fastest in decoding steps of AiM-B, -L, -XL and -1B at 2 rows on an H100 (BENCHMARKS.md).
+
+    One that widens (in_proj) gets about 800 programs (1600 from 12M weights: AiM-1B; over the
     ``row_groups``, programs that share no rows) of one warp, streaming blocks of 256 inputs
-    through Triton's pipeline, two ahead. One that narrows (out_proj) from up to 3072 inputs (AiM-B, -L, -XL) gets programs of four outputs
-    and four warps that read all their weights in one block before the wait (``block_k`` covers
-    the inputs), while the state update runs; from more (AiM-1B: 512 such programs do not fit in
-    one wave, measured slower) about 400 programs of two warps with
-    blocks of 1024 inputs, one ahead by hand. ``early``: the next kernel (PDL) may launch as soon
-    as this one starts, else when its products are summed; early paid for in_proj below 12M
-    weights (AiM-B, -L, -XL: its state update then reads the state sooner) and cost elsewhere (the waiting
-    programs hold SM slots this one needs)."""
+    through Triton's pipeline, two ahead. One that narrows (out_proj) from up to 3072 inputs
+    (AiM-B, -L, -XL) gets programs of four outputs and four warps that read all their weights in
+    one block before the wait (``block_k`` covers the inputs), while the state update runs; from
+    more (AiM-1B: 512 such programs do not fit in one wave, measured slower) about 400 programs of
+    two warps with blocks of 1024 inputs, one ahead by hand. ``early``: the next kernel (PDL) may
+    launch as soon as this one starts, else when its products are summed; early paid for in_proj
+    below 12M weights (AiM-B, -L, -XL: its state update then reads the state sooner) and cost
+    elsewhere (the waiting programs hold SM slots this one needs)."""
     padded = 1 << (inputs - 1).bit_length()
     if outputs < inputs and inputs <= 3072:
         return {"block_n": 4, "block_k": padded, "stages": 0, "num_warps": 4, "early": False}
