@@ -110,6 +110,7 @@ def test_linear_matches_torch_on_gpu():
 
 
 FUSED = """
+import functools
 import sys
 import torch
 sys.path.insert(0, "tests")
@@ -130,22 +131,26 @@ model = randomize(AiMForImageGeneration(tiny_config())).eval().to(device)
 assert FusedStep.supported(model, 2, "recurrent")
 assert not FusedStep.supported(model, 3, "recurrent") and not FusedStep.supported(model, 2, "dual")
 labels, codes = torch.tensor([0, 4], device=device), torch.randint(0, 37, (2, 5), generator=g).to(device)
-caches = [AiMCache(model.config, 2, torch.float32, device, "recurrent") for _ in range(2)]
-with torch.no_grad():
-    _, groups, final = model.model.condition(labels)
-    modulations = model.model.layer_modulations(groups)
-    fused = FusedStep(model, 2)
-    fused.prepare(modulations)
-    for cache in caches:
-        model.model(codes, labels, cache=cache)
-    for t in range(5, 9):
-        token, position = torch.randint(0, 37, (2,), generator=g).to(device), torch.full((2,), t, device=device)
-        eager = model.model.step(token, position, modulations, final, caches[0])
-        out = fused(model.model.embed(token, position), final, caches[1])
-        assert rel(out, eager) < 1e-5, (t, rel(out, eager))
-    for name, tensor in caches[0].tensors.items():
-        assert rel(caches[1].tensors[name], tensor) < 1e-5, name
-    assert torch.equal(caches[0].length, caches[1].length)
+gated = fast_decode.triton_ssm.ssm_update_gated
+for early in (False, True) if device == "cuda" else (None,):  # out_proj launched after or before the state update's wait (PDL)
+    fast_decode.triton_ssm.ssm_update_gated = functools.partial(gated, early=early)
+    caches = [AiMCache(model.config, 2, torch.float32, device, "recurrent") for _ in range(2)]
+    with torch.no_grad():
+        _, groups, final = model.model.condition(labels)
+        modulations = model.model.layer_modulations(groups)
+        fused = FusedStep(model, 2)
+        fused.prepare(modulations)
+        for cache in caches:
+            model.model(codes, labels, cache=cache)
+        for t in range(5, 9):
+            token, position = torch.randint(0, 37, (2,), generator=g).to(device), torch.full((2,), t, device=device)
+            eager = model.model.step(token, position, modulations, final, caches[0])
+            out = fused(model.model.embed(token, position), final, caches[1])
+            assert rel(out, eager) < 1e-5, (early, t, rel(out, eager))
+        for name, tensor in caches[0].tensors.items():
+            assert rel(caches[1].tensors[name], tensor) < 1e-5, (early, name)
+        assert torch.equal(caches[0].length, caches[1].length)
+fast_decode.triton_ssm.ssm_update_gated = gated
 print("ok")
 """
 

@@ -70,7 +70,7 @@ if TRITON_AVAILABLE:
         heads, heads_per_group, P, N,
         s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n, y_b, y_h, y_p,
         z_b, z_h, z_p, sq_b,
-        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0).to(tl.int64)
         batch, head = pid // heads, pid % heads
@@ -85,8 +85,11 @@ if TRITON_AVAILABLE:
         dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
         A = tl.exp(tl.load(a_log_ptr + head).to(tl.float32))
         if PDL:
+            if EARLY:  # out_proj reads before its wait only what the kernel three back wrote (pdl_launch)
+                tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            if not EARLY:
+                tl.extra.cuda.gdc_launch_dependents()
         dt = _softplus(tl.load(dt_ptr + batch * dt_b + head * dt_h).to(tl.float32) + dt_bias)
         decay = tl.exp(-dt * A)
         x = tl.load(x_ptr + batch * x_b + head * x_h + p * x_p, mask=rows, other=0.0).to(tl.float32)
@@ -187,7 +190,10 @@ def pdl_launch(pdl: bool) -> dict:
     dependent launch). Each such kernel here lets the next one start only after its own
     ``gdc_wait``, so it starts once the kernel two back has ended: before its wait it may read
     what that one or earlier ones wrote (weights, caches of the previous step, the residual
-    stream before the last kernel), and it writes nothing."""
+    stream before the last kernel), and it writes nothing. The one exception,
+    ``ssm_update_gated(..., early=True)``, lets its successor (out_proj) start before its own wait,
+    so once the kernel three back (the previous out_proj) has ended; out_proj reads before its wait
+    only its weights, the adaLN terms and the residual stream that that kernel wrote."""
     return {"launch_pdl": True} if pdl else {}
 
 
@@ -212,7 +218,9 @@ def conv_update(
     return out
 
 
-def _ssm_update(state, x, dt, dt_bias, A_log, B, C, gating: tuple | None, pdl: bool, block_p: int, num_warps: int):
+def _ssm_update(
+    state, x, dt, dt_bias, A_log, B, C, gating: tuple | None, pdl: bool, block_p: int, num_warps: int, early: bool
+):
     b, h, p, n = state.shape
     block_p = min(block_p, triton.next_power_of_2(p))
     grid = (b * h, triton.cdiv(p, block_p))
@@ -228,7 +236,7 @@ def _ssm_update(state, x, dt, dt_bias, A_log, B, C, gating: tuple | None, pdl: b
         h, h // B.shape[1], p, n,
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(), *z.stride(),
         squares.stride(0),
-        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), GATED=gating is not None, PDL=pdl,
+        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(n), GATED=gating is not None, PDL=pdl, EARLY=early,
         num_warps=num_warps, **pdl_launch(pdl),
     )  # fmt: skip
     return y, squares
@@ -244,7 +252,7 @@ def ssm_update(
     C: torch.Tensor,
 ) -> torch.Tensor:
     """Same contract as ``mamba2.ssm_step``."""
-    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, None, pdl=False, block_p=16, num_warps=4)[0]
+    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, None, pdl=False, block_p=16, num_warps=4, early=False)[0]
 
 
 def ssm_update_gated(
@@ -261,6 +269,7 @@ def ssm_update_gated(
     pdl: bool = False,
     block_p: int = 8,
     num_warps: int = 1,
+    early: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The state update of ``ssm_update`` with what follows it up to the gated RMSNorm (one group),
     for ``triton_gemv.norm_linear_residual``: ``g = (y + D x) * silu(z)`` with D (h,) and
@@ -268,8 +277,12 @@ def ssm_update_gated(
     norm's statistic in parts, (b, parts) float32 sums of ``g**2`` over disjoint channel blocks:
     out_proj then reads the gated input once, in half the bytes for bf16. A program updates
     ``block_p`` rows of a head's (head_dim x state) tile with ``num_warps`` warps: 8 and 1 were
-    fastest in AiM-B, -L and -XL's batch-1 steps on an H100 (its only use, in ``FusedStep``)."""
-    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, (D, z, norm_weight), pdl, block_p, num_warps)
+    fastest in AiM-B, -L and -XL's batch-1 steps on an H100 (its only use, in ``FusedStep``).
+    ``early`` (with ``pdl``): the next kernel may launch before this one's wait, so that out_proj's
+    weights stream while in_proj ends; by default from 32 heads, where it was 3% faster for
+    AiM-XL, 1% for AiM-L and even for AiM-1B, and not for AiM-B's 24 (0.8% slower; BENCHMARKS.md)."""
+    early = state.shape[1] >= 32 if early is None else early
+    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, (D, z, norm_weight), pdl, block_p, num_warps, early)
 
 
 def ssm_dual_update(
