@@ -279,8 +279,8 @@ def ssm_update_gated(
     ``block_p`` rows of a head's (head_dim x state) tile with ``num_warps`` warps: 8 and 1 were
     fastest in AiM-B, -L and -XL's batch-1 steps on an H100 (its only use, in ``FusedStep``).
     ``early`` (with ``pdl``): the next kernel may launch before this one's wait, so that out_proj's
-    weights stream while in_proj ends; by default from 32 heads, where it was 3% faster for
-    AiM-XL, 1% for AiM-L and even for AiM-1B, and not for AiM-B's 24 (0.8% slower; BENCHMARKS.md)."""
+    weights stream while in_proj ends; by default from 32 heads: at batch 1 AiM-XL was 3% faster,
+    AiM-L 1%, AiM-1B unchanged, and AiM-B (24 heads) 0.8% slower (BENCHMARKS.md)."""
     early = state.shape[1] >= 32 if early is None else early
     return _ssm_update(state, x, dt, dt_bias, A_log, B, C, (D, z, norm_weight), pdl, block_p, num_warps, early)
 
