@@ -204,12 +204,13 @@ def _launch(
     unread = x  # placeholder for the pointers a launch does not read
     window, taps, tap_bias, first = conv if conv is not None else (unread, unread, None, 0)
     grid = (triton.cdiv(m, rows), triton.cdiv(n, launch["block_n"]))
-    if next_scale is not None:  # the next in_proj's scaled input and its statistic, a part a program
+    following = next_scale is not None
+    if following:  # the next in_proj's scaled input and its statistic, a part a program
         next_scale = next_scale.expand(m, n)
         next_input = torch.empty(m, n, dtype=weight.dtype, device=x.device)
         next_squares = torch.empty(m, grid[1], dtype=torch.float32, device=x.device)
     else:
-        next_input = next_squares = out  # placeholders, not read
+        next_scale = next_input = next_squares = out  # placeholders, not read
     _gemv_kernel[grid](
         x, unread if scale is None else scale, weight, unread if bias is None else bias,
         unread if residual is None else residual, unread if gate is None else gate,
@@ -222,18 +223,17 @@ def _launch(
         *out.stride(),
         window, taps, unread if tap_bias is None else tap_bias, first, taps.shape[0] if conv else 0,
         *(window.stride() if conv else (0, 0, 0)), *(taps.stride() if conv else (0, 0)),
-        out if next_scale is None else next_scale, next_input, next_squares,
-        *(out if next_scale is None else next_scale).stride(), *next_input.stride(), next_squares.stride(0),
+        next_scale, next_input, next_squares, *next_scale.stride(), *next_input.stride(), next_squares.stride(0),
         ROWS=rows, BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"],
         PARTS=0 if squares is None else triton.next_power_of_2(squares.shape[1]), NORM=eps is not None, SCALE=scale is not None,
         BIAS=bias is not None, RESIDUAL=residual is not None, PDL=pdl,
         STAGES=launch["stages"], num_warps=launch["num_warps"],
         TAPS=window.shape[-1] if conv else 0, BLOCK_T=triton.next_power_of_2(window.shape[-1]) if conv else 1,
-        TAP_BIAS=tap_bias is not None, EARLY=launch["early"], NEXT=next_scale is not None,
+        TAP_BIAS=tap_bias is not None, EARLY=launch["early"], NEXT=following,
         ONE_BLOCK=launch["stages"] == 0 and launch["block_k"] >= k,
         **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip
-    return out if next_scale is None else (out, next_input, next_squares)
+    return (out, next_input, next_squares) if following else out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, **launch) -> torch.Tensor:
