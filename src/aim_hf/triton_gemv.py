@@ -53,16 +53,15 @@ def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
     if outputs < inputs and inputs <= 3072:
         return {"block_n": 4, "block_k": padded, "stages": 0, "num_warps": 4, "early": False}
     widens = outputs >= inputs
-    programs, block_k = (800, 256) if widens else (400, 1024)
-    if widens and outputs * inputs >= 12_000_000:
-        programs = 1600
+    large = widens and outputs * inputs >= 12_000_000  # AiM-1B's in_proj
+    programs, block_k = (1600 if large else 800, 256) if widens else (400, 1024)
     block_n = 1 << max(1, min(5, round(math.log2(max(1.0, row_groups * outputs / programs)))))
     return {
         "block_n": block_n,
         "block_k": min(block_k, padded),
         "stages": 3 if widens else 0,
         "num_warps": 1 if widens else 2,
-        "early": widens and outputs * inputs < 12_000_000,
+        "early": widens and not large,
     }
 
 
