@@ -106,6 +106,16 @@ def test_split_draw_reads_every_part_fresh_on_gpu():
     assert (arrivals == 0).all()
 
 
+def test_draw_rejects_bad_arrivals():
+    from aim_hf.triton_sampling import draw
+
+    logits, uniforms = torch.zeros(2, 4096), torch.zeros(1, 4, dtype=torch.float64)
+    codes, guided = torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4096)
+    for arrivals in (torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"arrivals must be \(batch,\) = \(1,\) int32 zeros, got"):
+            draw(logits, uniforms, torch.zeros(1, dtype=torch.long), codes, guided, 2.0, 1.0, arrivals=arrivals)
+
+
 @pytest.mark.parametrize(("splits", "top_k"), [(3, 0), (0, 0), (2, 50)])
 def test_draw_rejects_bad_splits(splits, top_k):
     from aim_hf.triton_sampling import draw
