@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from aim_hf.files import atomic_path  # noqa: E402
 
@@ -47,20 +48,35 @@ def main() -> None:
                 parser.error(f"{path} has no rows of mode {mode!r}")
             lines.append((result["device"], result["date"], mode, rows))
     presets = sorted({r["preset"] for *_, rows in lines for r in rows}, key=list(ORIGINAL_H200).index)
-    fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 4), squeeze=False)
+    # one colour a (device, date, mode) in every panel; files of one device and date share it
+    labels = list(dict.fromkeys(f"aim-hf {mode} ({device}, {day})" for device, day, mode, _ in lines))
+    colors = {label: f"C{i}" for i, label in enumerate(labels)}
+    plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 4.6), squeeze=False)
     for ax, preset in zip(axes[0], presets):
         for device, day, mode, rows in lines:
             mine = sorted((r["batch"], r["images_per_s"]) for r in rows if r["preset"] == preset)
+            label = f"aim-hf {mode} ({device}, {day})"
             if mine:
-                ax.plot(*zip(*mine), "o-", label=f"aim-hf {mode} ({device}, {day})")
+                shown = label in ax.get_legend_handles_labels()[1]
+                ax.plot(*zip(*mine), "o-", color=colors[label], label=None if shown else label)
         original = sorted(ORIGINAL_H200.get(preset, {}).items())
         if original:
-            ax.plot(*zip(*original), "s--", label="original (H200, SPEC §8)")
+            ax.plot(*zip(*original), "s--", color="0.4", label="original (H200, SPEC §8)")
         ax.set(xscale="log", yscale="log", xlabel="batch (images, guidance on)", ylabel="images / s",
                title=f"{preset}, bf16, 256 tokens")  # fmt: skip
+        batches = sorted({b for line in ax.get_lines() for b in line.get_xdata()})
+        ax.xaxis.set_major_locator(ticker.FixedLocator(batches))
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend = {}  # one legend for all panels, below them: inside, it hid points
+    for ax in axes[0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(legend) // 3), 1, 1))
     with atomic_path(args.output) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
 
