@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 
 import torch
 import triton
@@ -59,7 +58,7 @@ def _head_row(state, r, h, p1, n1, M, P, N, x_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, 
     """One row of a head: its new state (float32) and the gated output g = (y + D x) silu(z)."""
     valid = r < M
     dt = tl.load(dt_ptr + r * dt_b + h * dt_h, mask=valid, other=0.0).to(tl.float32) + dt_bias
-    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus, torch's threshold
+    dt = triton_ssm._softplus(dt)
     x = tl.load(x_ptr + r * x_b + h * x_h + p1 * x_p, mask=(p1 * 0 + r < M) & (p1 < P), other=0.0).to(tl.float32)
     z = tl.load(z_ptr + r * z_b + h * z_h + p1 * z_p, mask=(p1 * 0 + r < M) & (p1 < P), other=0.0).to(tl.float32)
     b = tl.load(b_ptr + r * b_b + n1 * b_n, mask=(n1 * 0 + r < M) & (n1 < N), other=0.0).to(tl.float32)
@@ -262,7 +261,7 @@ def gpu(presets: list[str]) -> None:
     """Values of the two-kernel step against FusedStep (bf16, 20 steps), then the token loop at
     batch 1 with FusedStep and with TwoKernelStep, alternated, median of 7 each."""
     sys.path.insert(0, "scripts")
-    from benchmark import random_model
+    from benchmark import random_model, time_call
 
     from aim_hf import AiMConfig
 
@@ -294,14 +293,8 @@ def gpu(presets: list[str]) -> None:
             if cls is not shipped:
                 cls.supported = shipped.supported  # the decoder asks the class it builds
             model._graph_decoder = None  # a fresh decoder with this step class
-            model.generate([1], guidance_scale=2.0)  # a fresh decoder: compile and capture
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(7):
-                start = time.perf_counter()
-                model.generate([1], guidance_scale=2.0)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+            time_call(model.generate, [1], guidance_scale=2.0)  # a fresh decoder: compile and capture
+            times = [time_call(model.generate, [1], guidance_scale=2.0)[0] for _ in range(7)]
             print(preset, tag, "generate s", round(sorted(times)[3], 4), "min", round(min(times), 4), flush=True)
         fast_decode.FusedStep = shipped
         del model

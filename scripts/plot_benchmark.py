@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("output")
     parser.add_argument("inputs", nargs="+", metavar="JSON[:MODE,...]")
     args = parser.parse_args()
-    lines = []  # (device, date, mode, rows)
+    lines = []  # (label: mode, device and date; rows)
     for spec in args.inputs:
         path, _, modes = spec.partition(":")
         result = json.loads(open(path).read())
@@ -46,17 +46,15 @@ def main() -> None:
             rows = [r for r in result["rows"] if r["mode"] == mode]
             if not rows:
                 parser.error(f"{path} has no rows of mode {mode!r}")
-            lines.append((result["device"], result["date"], mode, rows))
-    presets = sorted({r["preset"] for *_, rows in lines for r in rows}, key=list(ORIGINAL_H200).index)
-    # one colour a (device, date, mode) in every panel; files of one device and date share it
-    labels = list(dict.fromkeys(f"aim-hf {mode} ({device}, {day})" for device, day, mode, _ in lines))
-    colors = {label: f"C{i}" for i, label in enumerate(labels)}
+            lines.append((f"aim-hf {mode} ({result['device']}, {result['date']})", rows))
+    presets = sorted({r["preset"] for _, rows in lines for r in rows}, key=list(ORIGINAL_H200).index)
+    # one colour a (mode, device, date) in every panel; files of one device and date share it
+    colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for label, _ in lines))}
     plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")
     fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 4.6), squeeze=False)
     for ax, preset in zip(axes[0], presets):
-        for device, day, mode, rows in lines:
+        for label, rows in lines:
             mine = sorted((r["batch"], r["images_per_s"]) for r in rows if r["preset"] == preset)
-            label = f"aim-hf {mode} ({device}, {day})"
             if mine:
                 shown = label in ax.get_legend_handles_labels()[1]
                 ax.plot(*zip(*mine), "o-", color=colors[label], label=None if shown else label)
