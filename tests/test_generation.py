@@ -98,7 +98,7 @@ def test_graph_decoder_logic_equals_the_eager_loop(tiny_model, monkeypatch, form
 
     eager = tiny_model.decode(labels, prefix, scale, choose)
     decoder = fast_decode.CUDAGraphDecoder(tiny_model, 2, scale, 1.0, 0, 1.0, form)
-    assert decoder.fused is None  # 4 rows: the compiled blocks
+    assert decoder.fused is None  # float64 weights: the compiled blocks (FusedStep: test_triton_gemv)
     decoder.codes.fill_(-1)
     decoder.start_graph = types.SimpleNamespace(replay=decoder.start)  # what the start graph replays
     decoder.begin(labels, prefix, uniforms[:, start:])

@@ -29,7 +29,12 @@ for m, k, n, dtype, blocks in [(2, 96, 200, torch.float32, {{}}), (3, 160, 70, t
                                (3, 96, 50, torch.float32, dict(rows_per_program=4)),
                                (2, 300, 70, torch.float32, dict(block_k=64, stages=3)),
                                (2, 300, 70, torch.float32, dict(block_k=64, stages=0, num_warps=2, early=False)),
-                               (2, 300, 70, torch.float32, dict(block_k=512, stages=0, num_warps=4))]:
+                               (2, 300, 70, torch.float32, dict(block_k=512, stages=0, num_warps=4)),
+                               # 3 to 32 rows: one program for all, on the tensor cores
+                               (5, 96, 50, torch.float32, {{}}), (20, 160, 70, torch.bfloat16, {{}}),
+                               (3, 96, 50, torch.float32, dict(rows_per_program=16)),
+                               (6, 300, 40, torch.float32, dict(block_k=64, stages=0)),
+                               (32, 300, 70, torch.bfloat16, dict(block_k=512, stages=0, num_warps=4))]:
     wide = torch.randn(m, 2 * k, generator=g).to(device, dtype)
     x = wide[:, ::2]  # a strided view, like the mixer's inputs
     weight = (torch.randn(n, k, generator=g) / k**0.5).to(device, dtype)
@@ -89,7 +94,7 @@ def test_linear_matches_torch_in_interpreter():
 def test_bad_rows_per_program():
     from aim_hf.triton_gemv import linear
 
-    with pytest.raises(ValueError, match="rows_per_program must be 1, 2 or 4, got 3"):
+    with pytest.raises(ValueError, match="rows_per_program must be 1, 2, 4, 16 or 32, got 3"):
         linear(torch.ones(2, 8), torch.ones(4, 8), rows_per_program=3)
 
 
@@ -128,27 +133,30 @@ device = "{device}"
 if device == "cpu":  # Inductor's CPU build of the compiled finish is tested in test_generation
     fast_decode.compiled = lambda fn: fn
 model = randomize(AiMForImageGeneration(tiny_config())).eval().to(device)
-assert FusedStep.supported(model, 2, "recurrent")
-assert not FusedStep.supported(model, 3, "recurrent") and not FusedStep.supported(model, 2, "dual")
-labels, codes = torch.tensor([0, 4], device=device), torch.randint(0, 37, (2, 5), generator=g).to(device)
+assert FusedStep.supported(model, 2, "recurrent") and FusedStep.supported(model, 32, "recurrent")
+assert not FusedStep.supported(model, 33, "recurrent") and not FusedStep.supported(model, 2, "dual")
 gated = fast_decode.triton_ssm.ssm_update_gated
-for early in (False, True) if device == "cuda" else (None,):  # out_proj launched after or before the state update's wait (PDL)
+# 2 rows in multiply-adds, 6 on the tensor cores; out_proj launched after or before the state update's wait (PDL)
+for rows, early in [(2, False), (2, True), (6, None)] if device == "cuda" else [(2, None), (6, None)]:
     fast_decode.triton_ssm.ssm_update_gated = functools.partial(gated, early=early)
-    caches = [AiMCache(model.config, 2, torch.float32, device, "recurrent") for _ in range(2)]
+    labels = torch.arange(rows, device=device) % 5
+    codes = torch.randint(0, 37, (rows, 5), generator=g).to(device)
+    caches = [AiMCache(model.config, rows, torch.float32, device, "recurrent") for _ in range(2)]
     with torch.no_grad():
         _, groups, final = model.model.condition(labels)
         modulations = model.model.layer_modulations(groups)
-        fused = FusedStep(model, 2)
+        fused = FusedStep(model, rows)
         fused.prepare(modulations)
         for cache in caches:
             model.model(codes, labels, cache=cache)
         for t in range(5, 9):
-            token, position = torch.randint(0, 37, (2,), generator=g).to(device), torch.full((2,), t, device=device)
+            token = torch.randint(0, 37, (rows,), generator=g).to(device)
+            position = torch.full((rows,), t, device=device)
             eager = model.model.step(token, position, modulations, final, caches[0])
             out = fused(model.model.embed(token, position), final, caches[1])
-            assert rel(out, eager) < 1e-5, (early, t, rel(out, eager))
+            assert rel(out, eager) < 1e-5, (rows, early, t, rel(out, eager))
         for name, tensor in caches[0].tensors.items():
-            assert rel(caches[1].tensors[name], tensor) < 1e-5, (early, name)
+            assert rel(caches[1].tensors[name], tensor) < 1e-5, (rows, early, name)
         assert torch.equal(caches[0].length, caches[1].length)
 fast_decode.triton_ssm.ssm_update_gated = gated
 print("ok")

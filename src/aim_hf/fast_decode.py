@@ -67,8 +67,8 @@ def finish(model: AiMModel, stream: torch.Tensor, final: torch.Tensor) -> torch.
 
 
 class FusedStep:
-    """A decoding step of up to two rows in three kernels a layer, for the recurrent cache with one
-    SSM group: in_proj with the residual stream's RMSNorm and adaLN before it and the conv step
+    """A decoding step of up to ``triton_gemv.MAX_ROWS`` rows (batch 16 with guidance) in three
+    kernels a layer, for the recurrent cache with one SSM group: in_proj with the residual stream's RMSNorm and adaLN before it and the conv step
     after it folded in (``norm_linear``), the state update returning the gated norm's input times
     its weight and the norm's statistic in parts (``ssm_update_gated``), and out_proj with that
     norm and the residual add folded in (``norm_linear_residual``), which also writes the next

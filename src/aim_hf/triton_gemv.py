@@ -10,10 +10,11 @@ keeps one block ahead by hand (its first read before the previous kernel ends, w
 programmatic dependent launch), or two ahead through Triton's software pipeline in shared memory,
 which frees the registers that limited how many programs an SM holds, or reads all its weights
 in one block before the previous kernel ends (``default_launch`` picks, by the projection's
-shape). A program takes two rows (``rows_per_program``): one a program was
-0.44 against 0.55 of the bandwidth for AiM-XL's out_proj at 2 rows, and four a program made
-AiM-B's batch-2 step slower. Used for up to ``MAX_ROWS`` rows; the kernel takes up to 4, but at
-4 rows AiM-XL's step was faster with cuBLAS.
+shape). Up to 2 rows a program takes them in float32 multiply-adds (one row a program was 0.44
+against 0.55 of the bandwidth for AiM-XL's out_proj at 2 rows, and four a program made AiM-B's
+batch-2 step slower); from 3 to ``MAX_ROWS`` rows one program takes them all, padded to 16 or 32,
+on the tensor cores (``tl.dot``, the input rounded to the weights' dtype), so that the weights are
+still read once.
 """
 
 from __future__ import annotations
@@ -32,12 +33,18 @@ try:
 except ImportError:
     TRITON_AVAILABLE = False
 
-MAX_ROWS = 2  # batch 1 with guidance; at 4 rows cuBLAS was faster for AiM-XL (BENCHMARKS.md)
+MAX_ROWS = 32  # batch 16 with guidance
+TENSOR_CORE_ROWS = (16, 32)  # rows a program on the tensor cores (tl.dot needs 16 or more)
 
 
-def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
-    """Blocks, pipeline, warps and when the next kernel may launch, for a projection of this shape:
-    fastest in decoding steps of AiM-B, -L, -XL and -1B at 2 rows on an H100 (BENCHMARKS.md).
+def default_launch(row_groups: int, outputs: int, inputs: int, rows: int = 2) -> dict:
+    """Blocks, pipeline, warps and when the next kernel may launch, for a projection of this shape
+    with ``rows`` rows a program: fastest in decoding steps of AiM-B, -L, -XL and -1B at 2 rows on
+    an H100 (BENCHMARKS.md).
+
+    On the tensor cores (``rows`` 16 or 32): programs of 16 outputs and four warps, streaming
+    blocks of 256 inputs (512 for one that narrows, which has fewer programs) through Triton's
+    pipeline.
 
     One that widens (in_proj) gets about 800 programs (1600 from 12M weights: AiM-1B; over the
     ``row_groups``, programs that share no rows) of one warp, streaming blocks of 256 inputs
@@ -50,6 +57,9 @@ def default_launch(row_groups: int, outputs: int, inputs: int) -> dict:
     below 12M weights (AiM-B, -L, -XL: its state update then reads the state sooner) and cost
     elsewhere (the waiting programs hold SM slots this one needs)."""
     padded = 1 << (inputs - 1).bit_length()
+    if rows in TENSOR_CORE_ROWS:
+        widens = outputs >= inputs
+        return {"block_n": 16, "block_k": min(256 if widens else 512, padded), "stages": 3, "num_warps": 4, "early": widens}
     if outputs < inputs and inputs <= 3072:
         return {"block_n": 4, "block_k": padded, "stages": 0, "num_warps": 4, "early": False}
     widens = outputs >= inputs
@@ -79,6 +89,19 @@ if TRITON_AVAILABLE:
         return x, squares
 
     @triton.jit
+    def _dot(x, w, acc, IEEE: tl.constexpr):
+        """acc + x (rows, k) times w (n, k) transposed on the tensor cores, summed in float32: for
+        float32 weights in full float32 (``IEEE``); else x rounded to the weights' dtype, and both
+        taken as TF32, which holds bf16 and fp16 values exactly (a bf16 ``tl.dot`` is wrong under
+        Triton 3.9's interpreter, which the tests run)."""
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            x = x.to(w.dtype).to(tl.float32)
+            acc = tl.dot(x, tl.trans(w.to(tl.float32)), acc, input_precision="tf32")
+        return acc
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, u_ptr, w_ptr, c_ptr, res_ptr, gate_ptr, sq_ptr, out_ptr, M, N, K, eps, parts,
         x_m, x_k, u_m, u_k, w_n, w_k, c_m, c_n, r_m, r_n, g_m, g_n, sq_m, o_m, o_n,
@@ -87,7 +110,7 @@ if TRITON_AVAILABLE:
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
         NORM: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
         STAGES: tl.constexpr, EARLY: tl.constexpr, ONE_BLOCK: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr, TAP_BIAS: tl.constexpr,
-        NEXT: tl.constexpr,
+        NEXT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -123,9 +146,15 @@ if TRITON_AVAILABLE:
         squares = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
         if ONE_BLOCK:  # the program's whole block of weights was read before the wait
             x, squares = _inputs(x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE)
-            out = tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
+            if DOT:
+                out = _dot(x, w, tl.zeros((ROWS, BLOCK_N), dtype=tl.float32), IEEE)
+            else:
+                out = tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
         else:
-            acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once, after the loop
+            if DOT:
+                acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            else:
+                acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed once, after the loop
             for start in tl.range(0, K, BLOCK_K, num_stages=max(STAGES, 1)):
                 k = start + tl.arange(0, BLOCK_K)
                 if STAGES == 0:
@@ -134,10 +163,16 @@ if TRITON_AVAILABLE:
                 else:
                     w = tl.load(w_block + start * w_k, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
                 x, squares = _inputs(x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE)
-                acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
+                if DOT:
+                    acc = _dot(x, w, acc, IEEE)
+                else:
+                    acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
                 if STAGES == 0:
                     w = w_next
-            out = tl.sum(acc, axis=2)
+            if DOT:
+                out = acc
+            else:
+                out = tl.sum(acc, axis=2)
         if PDL and not EARLY:
             tl.extra.cuda.gdc_launch_dependents()
         if NORM:  # the norm's 1/rms is a per-row factor: applied to the products, not the inputs
@@ -187,18 +222,21 @@ def _launch(
     num_warps: int | None = None,
     stages: int | None = None,
     pdl: bool = False,
-    rows_per_program: int = 2,
+    rows_per_program: int | None = None,
     early: bool | None = None,
     conv: tuple | None = None,
     next_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, k = x.shape
     n = weight.shape[0]
-    if rows_per_program not in (1, 2, 4):
-        raise ValueError(f"rows_per_program must be 1, 2 or 4, got {rows_per_program!r}")
-    rows = min(rows_per_program, triton.next_power_of_2(m))
+    if rows_per_program is None:  # 1-2 rows in multiply-adds, more all in one program on the tensor cores
+        rows_per_program = 2 if m <= 2 else TENSOR_CORE_ROWS[m > TENSOR_CORE_ROWS[0]]
+    if rows_per_program not in (1, 2, 4, *TENSOR_CORE_ROWS):
+        raise ValueError(f"rows_per_program must be 1, 2, 4, 16 or 32, got {rows_per_program!r}")
+    dot = rows_per_program in TENSOR_CORE_ROWS
+    rows = rows_per_program if dot else min(rows_per_program, triton.next_power_of_2(m))
     given = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "stages": stages, "early": early}
-    launch = default_launch(triton.cdiv(m, rows), n, k) | {key: v for key, v in given.items() if v is not None}
+    launch = default_launch(triton.cdiv(m, rows), n, k, rows) | {key: v for key, v in given.items() if v is not None}
     scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
     unread = x  # placeholder for the pointers a launch does not read
     window, taps, tap_bias, first = conv if conv is not None else (unread, unread, None, 0)
@@ -229,6 +267,7 @@ def _launch(
         STAGES=launch["stages"], num_warps=launch["num_warps"],
         TAPS=window.shape[-1] if conv else 0, BLOCK_T=triton.next_power_of_2(window.shape[-1]) if conv else 1,
         TAP_BIAS=tap_bias is not None, EARLY=launch["early"], NEXT=following,
+        DOT=dot, IEEE=weight.dtype == torch.float32,
         ONE_BLOCK=launch["stages"] == 0 and launch["block_k"] >= k,
         **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip
@@ -240,7 +279,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     rounded once to ``out_dtype`` (default: the weight's dtype, as cuBLAS does). ``launch``: ``block_n``, ``block_k``,
     ``num_warps``, ``stages`` (0: one block ahead by hand; 2 or more: Triton's pipeline) and
     ``early`` (the default of each from ``default_launch``), ``pdl`` (``pdl_supported``: launched
-    while the previous kernel finishes) and ``rows_per_program`` (1, 2 or 4)."""
+    while the previous kernel finishes) and ``rows_per_program`` (1, 2 or 4 in multiply-adds, 16
+    or 32 on the tensor cores; default 2 up to 2 rows, else all rows in one program)."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or weight.dtype, device=x.device)
     return _launch(x, weight, out, **launch)
 
