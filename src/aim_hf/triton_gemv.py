@@ -42,9 +42,12 @@ def default_launch(row_groups: int, outputs: int, inputs: int, rows: int = 2) ->
     with ``rows`` rows a program: fastest in decoding steps of AiM-B, -L, -XL and -1B at 2 rows on
     an H100 (BENCHMARKS.md).
 
-    On the tensor cores (``rows`` 16 or 32): programs of 16 outputs and four warps, streaming
-    blocks of 256 inputs (512 for one that narrows, which has fewer programs) through Triton's
-    pipeline.
+    On the tensor cores (``rows`` 16 or 32), blocks of 256 inputs (512 for one that narrows)
+    through Triton's pipeline: in_proj about 200 programs of 16 or 32 outputs and four warps
+    (each program reads all rows of the input: for AiM-XL at 32 rows 98 KB a program, 40 MB
+    over 403 programs of 16 outputs against 20 MB of weights; 32 outputs were 8% faster than 16
+    for AiM-XL at batch 16 and 4% slower for AiM-B), out_proj programs of 16 outputs and two
+    warps (2-4% faster than four; BENCHMARKS.md).
 
     One that widens (in_proj) gets about 800 programs (1600 from 12M weights: AiM-1B; over the
     ``row_groups``, programs that share no rows) of one warp, streaming blocks of 256 inputs
@@ -58,8 +61,10 @@ def default_launch(row_groups: int, outputs: int, inputs: int, rows: int = 2) ->
     elsewhere (the waiting programs hold SM slots this one needs)."""
     padded = 1 << (inputs - 1).bit_length()
     if rows in TENSOR_CORE_ROWS:
-        widens = outputs >= inputs
-        return {"block_n": 16, "block_k": min(256 if widens else 512, padded), "stages": 3, "num_warps": 4, "early": widens}
+        if outputs >= inputs:
+            block_n = 1 << max(4, min(6, round(math.log2(outputs / 200))))
+            return {"block_n": block_n, "block_k": min(256, padded), "stages": 3, "num_warps": 4, "early": True}
+        return {"block_n": 16, "block_k": min(512, padded), "stages": 3, "num_warps": 2, "early": False}
     if outputs < inputs and inputs <= 3072:
         return {"block_n": 4, "block_k": padded, "stages": 0, "num_warps": 4, "early": False}
     widens = outputs >= inputs

@@ -267,8 +267,8 @@ def ssm_update_gated(
     z: torch.Tensor,
     norm_weight: torch.Tensor,
     pdl: bool = False,
-    block_p: int | None = None,
-    num_warps: int | None = None,
+    block_p: int = 8,
+    num_warps: int = 1,
     early: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The state update of ``ssm_update`` with what follows it up to the gated RMSNorm (one group),
@@ -276,14 +276,12 @@ def ssm_update_gated(
     z (b, h, p), returned as ``g * norm_weight`` (b, h, p) in the norm weight's dtype, and the
     norm's statistic in parts, (b, parts) float32 sums of ``g**2`` over disjoint channel blocks:
     out_proj then reads the gated input once, in half the bytes for bf16. A program updates
-    ``block_p`` rows of a head's (head_dim x state) tile with ``num_warps`` warps: by default 8 and
-    1 up to 2 rows (fastest in AiM-B, -L and -XL's batch-1 steps on an H100), else 16 and 4.
+    ``block_p`` rows of a head's (head_dim x state) tile with ``num_warps`` warps: 8 and 1 were
+    fastest in AiM-B, -L and -XL's batch-1 steps on an H100 (its only use, in ``FusedStep``), and
+    at batch 16 too (5% against 16 rows and 4 warps for AiM-B and AiM-XL).
     ``early`` (with ``pdl``): the next kernel may launch before this one's wait, so that out_proj's
     weights stream while in_proj ends; by default from 32 heads: at batch 1 AiM-XL was 3% faster,
     AiM-L 1%, AiM-1B unchanged, and AiM-B (24 heads) 0.8% slower (BENCHMARKS.md)."""
-    few = state.shape[0] <= 2
-    block_p = block_p or (8 if few else 16)
-    num_warps = num_warps or (1 if few else 4)
     early = state.shape[1] >= 32 if early is None else early
     return _ssm_update(state, x, dt, dt_bias, A_log, B, C, (D, z, norm_weight), pdl, block_p, num_warps, early)
 
