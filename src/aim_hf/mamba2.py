@@ -253,12 +253,13 @@ class Mamba2Mixer(nn.Module):
         )
 
     def project(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """``layer(x)`` in a decoding step: ``triton_gemv`` for a few rows on CUDA
-        (``config.use_projection_kernels``), cuBLAS otherwise."""
+        """``layer(x)`` in a decoding step: ``triton_gemv`` for up to ``triton_gemv.LONE_ROWS``
+        rows on CUDA (``config.use_projection_kernels``), cuBLAS otherwise."""
         if (
             self.config.use_projection_kernels
             and layer.bias is None
             and self.use_triton(x)
+            and x.shape[0] <= triton_gemv.LONE_ROWS
             and triton_gemv.supported(x.shape[0], layer.weight)
         ):
             return triton_gemv.linear(x, layer.weight)

@@ -34,6 +34,7 @@ except ImportError:
     TRITON_AVAILABLE = False
 
 MAX_ROWS = 32  # batch 16 with guidance
+LONE_ROWS = 2  # a projection outside FusedStep (mamba2's step): the multiply-adds only (BENCHMARKS.md)
 TENSOR_CORE_ROWS = (16, 32)  # rows a program on the tensor cores (tl.dot needs 16 or more)
 
 
