@@ -133,8 +133,8 @@ device = "{device}"
 if device == "cpu":  # Inductor's CPU build of the compiled finish is tested in test_generation
     fast_decode.compiled = lambda fn: fn
 model = randomize(AiMForImageGeneration(tiny_config())).eval().to(device)
-assert FusedStep.supported(model, 2, "recurrent") and FusedStep.supported(model, 32, "recurrent")
-assert not FusedStep.supported(model, 33, "recurrent") and not FusedStep.supported(model, 2, "dual")
+assert FusedStep.supported(model, 2, "recurrent") and FusedStep.supported(model, 16, "recurrent")
+assert not FusedStep.supported(model, 17, "recurrent") and not FusedStep.supported(model, 2, "dual")
 gated = fast_decode.triton_ssm.ssm_update_gated
 # 2 rows in multiply-adds, 6 on the tensor cores; out_proj launched after or before the state update's wait (PDL)
 for rows, early in [(2, False), (2, True), (6, None)] if device == "cuda" else [(2, None), (6, None)]:

@@ -67,7 +67,7 @@ def finish(model: AiMModel, stream: torch.Tensor, final: torch.Tensor) -> torch.
 
 
 class FusedStep:
-    """A decoding step of up to ``triton_gemv.MAX_ROWS`` rows (batch 16 with guidance) in three
+    """A decoding step of up to ``triton_gemv.MAX_ROWS`` rows (batch 8 with guidance) in three
     kernels a layer, for the recurrent cache with one SSM group: in_proj with the residual
     stream's RMSNorm and adaLN before it and the conv step after it folded in (``norm_linear``),
     the state update returning the gated norm's input times its weight and the norm's statistic
@@ -80,8 +80,9 @@ class FusedStep:
     the products), where ``AiMModel.step`` rounds the norm, the scale and the shift in turn. On
     Hopper the three are launched early (programmatic dependent launch): each reads its weights,
     and what kernels before the last one wrote, while the last one ends
-    (``triton_ssm.pdl_launch``). From 3 rows the projections run on the tensor cores; at batch
-    2-16 the step was 6-18% faster than the compiled blocks with cuBLAS (BENCHMARKS.md)."""
+    (``triton_ssm.pdl_launch``). From 3 rows the projections run on the tensor cores: at batch 2
+    to 8 the token loop was 11-28% faster than with the compiled blocks and cuBLAS, on an H100
+    and an H200 (BENCHMARKS.md)."""
 
     def __init__(self, model: AiMForImageGeneration, rows: int):
         config, device = model.config, model.device

@@ -33,7 +33,7 @@ try:
 except ImportError:
     TRITON_AVAILABLE = False
 
-MAX_ROWS = 32  # batch 16 with guidance
+MAX_ROWS = 16  # batch 8 with guidance; at 32 rows AiM-XL's step was faster with cuBLAS (BENCHMARKS.md)
 LONE_ROWS = 2  # a projection outside FusedStep (mamba2's step): the multiply-adds only (BENCHMARKS.md)
 TENSOR_CORE_ROWS = (16, 32)  # rows a program on the tensor cores (tl.dot needs 16 or more)
 
