@@ -1,4 +1,8 @@
-"""Session 13 draft, for a GPU session: a batch-1 layer in two kernels instead of three.
+"""Session 13 draft, run in session 14 and dropped: a batch-1 layer in two kernels instead of three.
+
+Result (H100, session 14, raw `benchmarks/2026-11-27-h100-s14-two-kernel.log`): correct, and about
+twice as slow as the shipped three kernels at every split (AiM-XL 0.44-0.67 s against 0.24 s;
+BENCHMARKS.md, "Batch 1: the layer in two kernels, tried and dropped").
 
 The two cards say 56% of AiM-XL's batch-1 step on the H100 is a fixed chain of waits, not bytes
 (BENCHMARKS.md, "Generation on an H200 and an H100"): three kernels a layer, each starting its
