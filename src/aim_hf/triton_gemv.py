@@ -98,8 +98,8 @@ if TRITON_AVAILABLE:
     def _dot(x, w, acc, IEEE: tl.constexpr):
         """acc + x (rows, k) times w (n, k) transposed on the tensor cores, summed in float32: for
         float32 weights in full float32 (``IEEE``); else x rounded to the weights' dtype, and both
-        taken as TF32, which holds bf16 and fp16 values exactly (a bf16 ``tl.dot`` is wrong under
-        Triton 3.9's interpreter, which the tests run)."""
+        taken as TF32, which holds bf16 and fp16 values exactly (Triton's interpreter, which the CPU
+        tests run, multiplies a bf16 ``tl.dot``'s bit patterns: triton-lang/triton#11584)."""
         if IEEE:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
