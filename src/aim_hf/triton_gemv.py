@@ -12,9 +12,9 @@ which frees the registers that limited how many programs an SM holds, or reads a
 in one block before the previous kernel ends (``default_launch`` picks, by the projection's
 shape). Up to 2 rows a program takes them in float32 multiply-adds (one row a program was 0.44
 against 0.55 of the bandwidth for AiM-XL's out_proj at 2 rows, and four a program made AiM-B's
-batch-2 step slower); from 3 to ``MAX_ROWS`` rows one program takes them all, padded to 16 or 32,
-on the tensor cores (``tl.dot``, the input rounded to the weights' dtype), so that the weights are
-still read once.
+batch-2 step slower); from 3 to ``MAX_ROWS`` rows one program takes them all, padded to 16 (the
+kernel takes 32 too), on the tensor cores (``tl.dot``, the input rounded to the weights' dtype),
+so that the weights are still read once.
 """
 
 from __future__ import annotations
