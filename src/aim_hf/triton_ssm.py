@@ -278,7 +278,7 @@ def ssm_update_gated(
     out_proj then reads the gated input once, in half the bytes for bf16. A program updates
     ``block_p`` rows of a head's (head_dim x state) tile with ``num_warps`` warps: 8 and 1 were
     fastest in AiM-B, -L and -XL's batch-1 steps on an H100 (its only use, in ``FusedStep``), and
-    at batch 16 too (5% against 16 rows and 4 warps for AiM-B and AiM-XL).
+    at batch 16 too (4-5% faster than 16 rows and 4 warps for AiM-B and AiM-XL).
     ``early`` (with ``pdl``): the next kernel may launch before this one's wait, so that out_proj's
     weights stream while in_proj ends; by default from 32 heads: at batch 1 AiM-XL was 3% faster,
     AiM-L 1%, AiM-1B unchanged, and AiM-B (24 heads) 0.8% slower (BENCHMARKS.md)."""
