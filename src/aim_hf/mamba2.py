@@ -259,8 +259,7 @@ class Mamba2Mixer(nn.Module):
             self.config.use_projection_kernels
             and layer.bias is None
             and self.use_triton(x)
-            and x.shape[0] <= triton_gemv.LONE_ROWS
-            and triton_gemv.supported(x.shape[0], layer.weight)
+            and triton_gemv.supported(x.shape[0], layer.weight, triton_gemv.LONE_ROWS)
         ):
             return triton_gemv.linear(x, layer.weight)
         return layer(x)

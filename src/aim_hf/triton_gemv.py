@@ -208,9 +208,10 @@ if TRITON_AVAILABLE:
         tl.store(out_ptr + r * o_m + c * o_n, out.to(out_ptr.dtype.element_ty), mask=outputs)
 
 
-def supported(rows: int, weight: torch.Tensor) -> bool:
-    """At most ``MAX_ROWS`` rows, and weights the Triton kernels take (``triton_ssm.supported``)."""
-    return rows <= MAX_ROWS and triton_ssm.supported(weight)
+def supported(rows: int, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+    """At most ``max_rows`` rows (``MAX_ROWS`` in ``FusedStep``, ``LONE_ROWS`` for a projection
+    alone), and weights the Triton kernels take (``triton_ssm.supported``)."""
+    return rows <= max_rows and triton_ssm.supported(weight)
 
 
 def _launch(
@@ -236,7 +237,7 @@ def _launch(
     m, k = x.shape
     n = weight.shape[0]
     if rows_per_program is None:  # 1-2 rows in multiply-adds, more all in one program on the tensor cores
-        rows_per_program = 2 if m <= 2 else TENSOR_CORE_ROWS[m > TENSOR_CORE_ROWS[0]]
+        rows_per_program = 2 if m <= 2 else 16 if m <= 16 else 32
     if rows_per_program not in (1, 2, 4, *TENSOR_CORE_ROWS):
         raise ValueError(f"rows_per_program must be 1, 2, 4, 16 or 32, got {rows_per_program!r}")
     dot = rows_per_program in TENSOR_CORE_ROWS
