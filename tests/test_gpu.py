@@ -63,14 +63,23 @@ def test_kernels_match_pure_path(aim_b, reference, dtype):
 
 @pytest.mark.parametrize(
     ("batch", "form", "start"),
-    [(4, "recurrent", 0), (4, "dual", 0), (1, "recurrent", 0), (1, "recurrent", 1), (8, "recurrent", 0)],
+    [
+        (4, "recurrent", 0),
+        (4, "dual", 0),
+        (1, "recurrent", 0),
+        (1, "recurrent", 1),
+        (2, "recurrent", 0),
+        (8, "recurrent", 0),
+        (16, "recurrent", 0),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_decoder_matches_eager_under_teacher_forcing(aim_b, dtype, batch, form, start):
     """The graph decoder (with the recurrent cache the fused step of ``FusedStep``: 2 rows in
-    multiply-adds, 8 and 16 on the tensor cores; with the dual cache the compiled step) against
-    the eager loop with the recurrent cache (mamba-ssm's step kernels where installed), from the
-    start graph (no prefix) or an eager prefix pass."""
+    multiply-adds, 4 with out_proj so and in_proj on the tensor cores, 8-32 on the tensor cores;
+    with the dual cache the compiled step) against the eager loop with the recurrent cache
+    (mamba-ssm's step kernels where installed), from the start graph (no prefix) or an eager
+    prefix pass."""
     model = aim_b.to(dtype)
     g = torch.Generator().manual_seed(1)
     scale = 2.0

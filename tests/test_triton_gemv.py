@@ -24,6 +24,7 @@ def rel(a, b):
 g = torch.Generator().manual_seed(0)
 device = "{device}"
 for m, k, n, dtype, blocks in [(2, 96, 200, torch.float32, {{}}), (3, 160, 70, torch.bfloat16, {{}}),
+                               # 4 rows narrowing: two programs of 2 rows (default_rows)
                                (4, 300, 33, torch.float32, {{}}), (1, 160, 40, torch.float32, dict(block_n=16, block_k=64)),
                                (3, 96, 50, torch.float32, dict(rows_per_program=1)),
                                (3, 96, 50, torch.float32, dict(rows_per_program=4)),
@@ -133,11 +134,12 @@ device = "{device}"
 if device == "cpu":  # Inductor's CPU build of the compiled finish is tested in test_generation
     fast_decode.compiled = lambda fn: fn
 model = randomize(AiMForImageGeneration(tiny_config())).eval().to(device)
-assert FusedStep.supported(model, 2, "recurrent") and FusedStep.supported(model, 16, "recurrent")
-assert not FusedStep.supported(model, 17, "recurrent") and not FusedStep.supported(model, 2, "dual")
+assert FusedStep.supported(model, 2, "recurrent") and FusedStep.supported(model, 32, "recurrent")
+assert not FusedStep.supported(model, 33, "recurrent") and not FusedStep.supported(model, 2, "dual")
 gated = fast_decode.triton_ssm.ssm_update_gated
-# 2 rows in multiply-adds, 6 on the tensor cores; out_proj launched after or before the state update's wait (PDL)
-for rows, early in [(2, False), (2, True), (6, None)] if device == "cuda" else [(2, None), (6, None)]:
+# 2 rows in multiply-adds, 6 on the tensor cores, 4 both (out_proj in two 2-row programs); out_proj
+# launched after or before the state update's wait (PDL)
+for rows, early in [(2, False), (2, True), (6, None), (4, None)] if device == "cuda" else [(2, None), (6, None), (4, None)]:
     fast_decode.triton_ssm.ssm_update_gated = functools.partial(gated, early=early)
     labels = torch.arange(rows, device=device) % 5
     codes = torch.randint(0, 37, (rows, 5), generator=g).to(device)

@@ -67,7 +67,7 @@ def finish(model: AiMModel, stream: torch.Tensor, final: torch.Tensor) -> torch.
 
 
 class FusedStep:
-    """A decoding step of up to ``triton_gemv.MAX_ROWS`` rows (batch 8 with guidance) in three
+    """A decoding step of up to ``triton_gemv.MAX_ROWS`` rows (batch 16 with guidance) in three
     kernels a layer, for the recurrent cache with one SSM group: in_proj with the residual
     stream's RMSNorm and adaLN before it and the conv step after it folded in (``norm_linear``),
     the state update returning the gated norm's input times its weight and the norm's statistic

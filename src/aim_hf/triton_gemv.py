@@ -12,14 +12,15 @@ which frees the registers that limited how many programs an SM holds, or reads a
 in one block before the previous kernel ends (``default_launch`` picks, by the projection's
 shape). Up to 2 rows a program takes them in float32 multiply-adds (one row a program was 0.44
 against 0.55 of the bandwidth for AiM-XL's out_proj at 2 rows, and four a program made AiM-B's
-batch-2 step slower); from 3 to ``MAX_ROWS`` rows one program takes them all, padded to 16 (the
-kernel takes 32 too), on the tensor cores (``tl.dot``, the input rounded to the weights' dtype),
-so that the weights are still read once.
+batch-2 step slower); from 3 to ``MAX_ROWS`` rows one program takes them all, padded to 16 or
+32, on the tensor cores (``tl.dot``, the input rounded to the weights' dtype), so that the
+weights are still read once (``default_rows`` has the one exception).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -33,9 +34,20 @@ try:
 except ImportError:
     TRITON_AVAILABLE = False
 
-MAX_ROWS = 16  # batch 8 with guidance; at 32 rows AiM-XL's step was faster with cuBLAS (BENCHMARKS.md)
-LONE_ROWS = 2  # a projection outside FusedStep (mamba2's step): the multiply-adds only (BENCHMARKS.md)
+MAX_ROWS = 32  # batch 16 with guidance
+LONE_ROWS = 2  # a projection outside FusedStep (mamba2's step): above, cuBLAS was as fast (BENCHMARKS.md)
 TENSOR_CORE_ROWS = (16, 32)  # rows a program on the tensor cores (tl.dot needs 16 or more)
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as Triton reads it when a kernel is defined
+
+
+def default_rows(rows: int, outputs: int, inputs: int) -> int:
+    """Rows a program for a projection of ``rows`` rows: 1-2 in multiply-adds, and 3-4 too where
+    it narrows (out_proj: two 2-row programs, 4-5% faster at batch 2 than one on the tensor
+    cores for AiM-B and -XL; for in_proj up to 49% slower, BENCHMARKS.md); else all in one
+    program on the tensor cores, padded to 16 or 32."""
+    if rows <= 2 or (rows <= 4 and outputs < inputs):
+        return 2
+    return 16 if rows <= 16 else 32
 
 
 def default_launch(row_groups: int, outputs: int, inputs: int, rows: int = 2) -> dict:
@@ -95,16 +107,18 @@ if TRITON_AVAILABLE:
         return x, squares
 
     @triton.jit
-    def _dot(x, w, acc, IEEE: tl.constexpr):
-        """acc + x (rows, k) times w (n, k) transposed on the tensor cores, summed in float32: for
-        float32 weights in full float32 (``IEEE``); else x rounded to the weights' dtype, and both
-        taken as TF32, which holds bf16 and fp16 values exactly (Triton's interpreter, which the CPU
-        tests run, multiplies a bf16 ``tl.dot``'s bit patterns: triton-lang/triton#11584)."""
-        if IEEE:
+    def _dot(x, w, acc, PRECISION: tl.constexpr):
+        """acc + x (rows, k) times w (n, k) transposed on the tensor cores, summed in float32:
+        "ieee" for float32 weights (full float32, not TF32); "native" x rounded to the weights'
+        dtype and both straight into the tensor cores; "tf32" the same values taken as TF32, which
+        holds bf16 and fp16 exactly, under Triton's interpreter (the CPU tests), which multiplies
+        a bf16 ``tl.dot``'s bit patterns (triton-lang/triton#11584)."""
+        if PRECISION == "ieee":
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        elif PRECISION == "native":
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
         else:
-            x = x.to(w.dtype).to(tl.float32)
-            acc = tl.dot(x, tl.trans(w.to(tl.float32)), acc, input_precision="tf32")
+            acc = tl.dot(x.to(w.dtype).to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32")
         return acc
 
     @triton.jit
@@ -116,7 +130,7 @@ if TRITON_AVAILABLE:
         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTS: tl.constexpr,
         NORM: tl.constexpr, SCALE: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
         STAGES: tl.constexpr, EARLY: tl.constexpr, ONE_BLOCK: tl.constexpr, TAPS: tl.constexpr, BLOCK_T: tl.constexpr, TAP_BIAS: tl.constexpr,
-        NEXT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+        NEXT: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -153,7 +167,7 @@ if TRITON_AVAILABLE:
         if ONE_BLOCK:  # the program's whole block of weights was read before the wait
             x, squares = _inputs(x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE)
             if DOT:
-                out = _dot(x, w, tl.zeros((ROWS, BLOCK_N), dtype=tl.float32), IEEE)
+                out = _dot(x, w, tl.zeros((ROWS, BLOCK_N), dtype=tl.float32), PRECISION)
             else:
                 out = tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
         else:
@@ -170,7 +184,7 @@ if TRITON_AVAILABLE:
                     w = tl.load(w_block + start * w_k, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
                 x, squares = _inputs(x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE)
                 if DOT:
-                    acc = _dot(x, w, acc, IEEE)
+                    acc = _dot(x, w, acc, PRECISION)
                 else:
                     acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
                 if STAGES == 0:
@@ -208,6 +222,15 @@ if TRITON_AVAILABLE:
         tl.store(out_ptr + r * o_m + c * o_n, out.to(out_ptr.dtype.element_ty), mask=outputs)
 
 
+def _dot_precision(weight: torch.Tensor) -> str:
+    """How ``_dot`` multiplies (see there): half-precision operands go to the tensor cores as they
+    are on a GPU (11-13% faster at batch 4 than as TF32, BENCHMARKS.md) and as TF32 under the
+    interpreter."""
+    if weight.dtype == torch.float32:
+        return "ieee"
+    return "tf32" if INTERPRETED else "native"
+
+
 def supported(rows: int, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
     """At most ``max_rows`` rows (``MAX_ROWS`` in ``FusedStep``, ``LONE_ROWS`` for a projection
     alone), and weights the Triton kernels take (``triton_ssm.supported``)."""
@@ -236,8 +259,8 @@ def _launch(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, k = x.shape
     n = weight.shape[0]
-    if rows_per_program is None:  # 1-2 rows in multiply-adds, more all in one program on the tensor cores
-        rows_per_program = 2 if m <= 2 else 16 if m <= 16 else 32
+    if rows_per_program is None:
+        rows_per_program = default_rows(m, n, k)
     if rows_per_program not in (1, 2, 4, *TENSOR_CORE_ROWS):
         raise ValueError(f"rows_per_program must be 1, 2, 4, 16 or 32, got {rows_per_program!r}")
     dot = rows_per_program in TENSOR_CORE_ROWS
@@ -274,7 +297,7 @@ def _launch(
         STAGES=launch["stages"], num_warps=launch["num_warps"],
         TAPS=window.shape[-1] if conv else 0, BLOCK_T=triton.next_power_of_2(window.shape[-1]) if conv else 1,
         TAP_BIAS=tap_bias is not None, EARLY=launch["early"], NEXT=following,
-        DOT=dot, IEEE=weight.dtype == torch.float32,
+        DOT=dot, PRECISION=_dot_precision(weight),
         ONE_BLOCK=launch["stages"] == 0 and launch["block_k"] >= k,
         **triton_ssm.pdl_launch(pdl),
     )  # fmt: skip
@@ -287,7 +310,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     ``num_warps``, ``stages`` (0: one block ahead by hand; 2 or more: Triton's pipeline) and
     ``early`` (the default of each from ``default_launch``), ``pdl`` (``pdl_supported``: launched
     while the previous kernel finishes) and ``rows_per_program`` (1, 2 or 4 in multiply-adds, 16
-    or 32 on the tensor cores; default 2 up to 2 rows, else all rows in one program)."""
+    or 32 on the tensor cores; default ``default_rows``)."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or weight.dtype, device=x.device)
     return _launch(x, weight, out, **launch)
 
