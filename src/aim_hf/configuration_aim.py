@@ -54,9 +54,10 @@ class AiMConfig(PretrainedConfig):
         use_triton_kernels: on CUDA, decode with this package's Triton step kernels (triton_ssm:
             conv, recurrent and dual SSM updates; triton_sampling: the draw, with top-k and top-p
             for up to 16384 codes); without them "auto" keeps the recurrent cache.
-        use_projection_kernels: on CUDA, decoding steps of up to 2 rows (batch 1 with guidance)
-            run in_proj and out_proj as ``triton_gemv`` matrix-vector products instead of cuBLAS,
-            and the CUDA-graph decoder runs them as ``fast_decode.FusedStep`` (three kernels a layer).
+        use_projection_kernels: on CUDA, decoding steps run in_proj and out_proj as
+            ``triton_gemv`` matrix-vector products instead of cuBLAS: the CUDA-graph decoder's
+            as ``fast_decode.FusedStep`` (three kernels a layer) up to 32 rows (batch 16 with
+            guidance) with the recurrent cache, others up to 2 rows (batch 1).
         use_cuda_graphs: on CUDA, generate with compiled blocks and one CUDA graph per step.
         state_dtype: storage dtype of the recurrent SSM state in generation (the recurrent cache
             only: the dual history is kept in the weights' dtype); None keeps it in the

@@ -80,9 +80,9 @@ class FusedStep:
     the products), where ``AiMModel.step`` rounds the norm, the scale and the shift in turn. On
     Hopper the three are launched early (programmatic dependent launch): each reads its weights,
     and what kernels before the last one wrote, while the last one ends
-    (``triton_ssm.pdl_launch``). From 3 rows the projections run on the tensor cores: at batch 2
-    to 8 the token loop was 11-28% faster than with the compiled blocks and cuBLAS, on an H100
-    and an H200 (BENCHMARKS.md)."""
+    (``triton_ssm.pdl_launch``). From 3 rows the projections run on the tensor cores (but
+    out_proj at 3-4 rows, ``triton_gemv.default_rows``): at batch 2 to 16 the token loop was
+    9-45% faster than with the compiled blocks and cuBLAS on an H200 (BENCHMARKS.md)."""
 
     def __init__(self, model: AiMForImageGeneration, rows: int):
         config, device = model.config, model.device

@@ -43,8 +43,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as Triton reads 
 def default_rows(rows: int, outputs: int, inputs: int) -> int:
     """Rows a program for a projection of ``rows`` rows: 1-2 in multiply-adds, and 3-4 too where
     it narrows (out_proj: two 2-row programs, 4-5% faster at batch 2 than one on the tensor
-    cores for AiM-B and -XL; for in_proj up to 49% slower, BENCHMARKS.md); else all in one
-    program on the tensor cores, padded to 16 or 32."""
+    cores for AiM-B and -XL; in_proj so too, which then reads its weights twice, made AiM-XL 48%
+    slower, BENCHMARKS.md); else all in one program on the tensor cores, padded to 16 or 32."""
     if rows <= 2 or (rows <= 4 and outputs < inputs):
         return 2
     return 16 if rows <= 16 else 32
