@@ -92,6 +92,18 @@ def test_linear_matches_torch_in_interpreter():
     run_in_interpreter(CHECK.format(device="cpu"), timeout=300)
 
 
+def test_default_rows():
+    """Multiply-adds up to 2 rows, and at 3-4 for a projection that narrows (AiM-XL's out_proj,
+    1536 x 3072); else one tensor-core program of 16 or 32 rows (AiM-XL's in_proj, 6448 x 1536)."""
+    from aim_hf.triton_gemv import MAX_ROWS, default_rows
+
+    rows = (1, 2, 3, 4, 5, 16, 17, 32)
+    assert [default_rows(m, 1536, 3072) for m in rows] == [2, 2, 2, 2, 16, 16, 32, 32]
+    assert [default_rows(m, 6448, 1536) for m in rows] == [2, 2, 16, 16, 16, 16, 32, 32]
+    # every row count FusedStep takes fits one tensor-core program (the weights read once)
+    assert all(default_rows(m, 6448, 1536) >= m for m in range(3, MAX_ROWS + 1))
+
+
 def test_bad_rows_per_program():
     from aim_hf.triton_gemv import linear
 
