@@ -20,7 +20,6 @@ weights are still read once (``default_rows`` has the one exception).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -37,7 +36,6 @@ except ImportError:
 MAX_ROWS = 32  # batch 16 with guidance
 LONE_ROWS = 2  # a projection outside FusedStep (mamba2's step): above, cuBLAS was as fast (BENCHMARKS.md)
 TENSOR_CORE_ROWS = (16, 32)  # rows a program on the tensor cores (tl.dot needs 16 or more)
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as Triton reads it when a kernel is defined
 
 
 def default_rows(rows: int, outputs: int, inputs: int) -> int:
@@ -221,6 +219,9 @@ if TRITON_AVAILABLE:
             out = tl.where(conv[None, :], conv_out / (1.0 + tl.exp(-conv_out)), out)
         tl.store(out_ptr + r * o_m + c * o_n, out.to(out_ptr.dtype.element_ty), mask=outputs)
 
+    # Under Triton's interpreter (TRITON_INTERPRET, any value Triton takes) triton.jit makes no JITFunction.
+    COMPILED = isinstance(_gemv_kernel, triton.runtime.JITFunction)
+
 
 def _dot_precision(weight: torch.Tensor) -> str:
     """How ``_dot`` multiplies (see there): half-precision operands go to the tensor cores as they
@@ -228,7 +229,7 @@ def _dot_precision(weight: torch.Tensor) -> str:
     interpreter."""
     if weight.dtype == torch.float32:
         return "ieee"
-    return "tf32" if INTERPRETED else "native"
+    return "native" if COMPILED else "tf32"
 
 
 def supported(rows: int, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
