@@ -93,9 +93,10 @@ print("ok")
 """
 
 
-def run_in_interpreter(code: str, timeout: int) -> None:
-    """Runs ``code`` in a fresh Python under Triton's interpreter; it must print "ok"."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+def run_in_interpreter(code: str, timeout: int, interpret: str = "1") -> None:
+    """Runs ``code`` in a fresh Python under Triton's interpreter (``TRITON_INTERPRET=interpret``);
+    it must print "ok"."""
+    env = {**os.environ, "TRITON_INTERPRET": interpret, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
