@@ -94,7 +94,6 @@ def test_linear_matches_torch_in_interpreter():
 
 TENSOR_CORES = """
 import torch
-import torch.nn.functional as F
 from aim_hf import triton_gemv
 
 assert not triton_gemv.COMPILED
