@@ -2,7 +2,8 @@
 
 Prints a table and writes JSON. The token loop is timed from the call to ``generate`` until the
 codes are on the device (synchronised), VQ decode separately, for the graph decoder with each
-cache form and the eager loop. The floor is the bytes a decoding step must move at least (the
+cache form asked for ("auto": the one ``config.decode_cache="auto"`` picks for the batch, which a
+user gets; the row's ``cache`` names it) and the eager loop. The floor is the bytes a decoding step must move at least (the
 weights once, plus the recurrent state read and written or the dual history read, whichever is
 less) over the copy bandwidth measured in the same run.
 
@@ -110,8 +111,8 @@ def main() -> None:
         help="batch sizes at which the eager baseline (no CUDA graph) is also timed",
     )  # fmt: skip
     parser.add_argument(
-        "--caches", nargs="+", choices=["recurrent", "dual"], default=["recurrent", "dual"],
-        help="cache forms of the graph decoder to time (config.decode_cache)",
+        "--caches", nargs="+", choices=["auto", "recurrent", "dual"], default=["auto"],
+        help="cache forms of the graph decoder to time (config.decode_cache; auto: the default's pick)",
     )  # fmt: skip
     parser.add_argument(
         "--projection-kernels", nargs="+", choices=["on", "off"], default=["on"],
@@ -155,6 +156,7 @@ def main() -> None:
                 model.config.use_cuda_graphs = mode != "eager"
                 model.config.decode_cache = "recurrent" if mode == "eager" else mode.split("-")[1]
                 model.config.use_projection_kernels = not mode.endswith("-cublas")
+                cache = model.cache_form(sequences, "cuda") if mode != "eager" else "recurrent"
                 call = (model.generate, list(range(batch)))
                 kwargs = {"guidance_scale": args.guidance_scale}
                 model._graph_decoder = None
@@ -163,9 +165,9 @@ def main() -> None:
                 first, codes = time_call(*call, **kwargs)
                 times = [time_call(*call, **kwargs)[0] for _ in range(args.repeats)]
                 loop = statistics.median(times)
-                floors = floor_seconds(model, batch * (2 if args.guidance_scale != 1 else 1), bandwidth)
+                floors = floor_seconds(model, sequences, bandwidth)
                 row = {
-                    "preset": preset, "batch": batch, "mode": mode, "dtype": args.dtype,
+                    "preset": preset, "batch": batch, "mode": mode, "cache": cache, "dtype": args.dtype,
                     "state_dtype": args.state_dtype or args.dtype, "guidance_scale": args.guidance_scale,
                     "first_call_s": first, "token_loop_s": loop, "token_loop_all_s": times,
                     "images_per_s": batch / loop, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -180,7 +182,7 @@ def main() -> None:
                     row["images_per_s_with_vq"] = batch / (loop + decode)
                 rows.append(row)
                 print(
-                    f"{preset:7s} batch {batch:4d} {mode:14s}: loop {loop:8.3f} s  {row['images_per_s']:8.1f} img/s  "
+                    f"{preset:7s} batch {batch:4d} {mode:14s} {cache:9s}: loop {loop:8.3f} s  {row['images_per_s']:8.1f} img/s  "
                     f"first {first:6.1f} s  floor {row['floor_s']:.3f} s (x{row['ratio_to_floor']:.1f})  "
                     f"peak {row['peak_memory_gib']:.1f} GiB",
                     flush=True,
@@ -191,11 +193,12 @@ def main() -> None:
         args.json, "benchmark.py", rows, torch=torch.__version__, copy_bandwidth_gb_s=bandwidth / 1e9
     )
     print(f"\n{result['device']}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, {result['date']}")
-    print(f"{'preset':8s}{'batch':>6s}{'mode':>16s}{'loop s':>9s}{'img/s':>9s}{'x floor':>9s}{'first s':>9s}")
+    header = ("preset", "batch", "mode", "cache", "loop s", "img/s", "x floor", "first s")
+    print(f"{header[0]:8s}{header[1]:>6s}{header[2]:>20s}{''.join(f'{h:>10s}' for h in header[3:])}")
     for r in rows:
         print(
-            f"{r['preset']:8s}{r['batch']:6d}{r['mode']:>16s}{r['token_loop_s']:9.3f}{r['images_per_s']:9.1f}"
-            f"{r['ratio_to_floor']:9.1f}{r['first_call_s']:9.1f}"
+            f"{r['preset']:8s}{r['batch']:6d}{r['mode']:>20s}{r['cache']:>10s}{r['token_loop_s']:10.3f}{r['images_per_s']:10.1f}"
+            f"{r['ratio_to_floor']:10.1f}{r['first_call_s']:10.1f}"
         )
 
 

@@ -1,7 +1,7 @@
 """Plot scripts/benchmark.py results: images per second against batch size, per preset, with the
 original's figures from SPEC §8 (measured on an H200) beside them. Each input is a JSON file,
-optionally with the modes to draw from it after a colon (default: every graph mode). Needs
-matplotlib.
+optionally with the modes to draw from it after a colon (default: every graph mode; "graph-auto",
+the cache form the default picks for each batch, is drawn as plain "aim-hf"). Needs matplotlib.
 
     python scripts/plot_benchmark.py docs/benchmark.png \
         benchmarks/2026-11-26-h100-generation-v4.json:graph-recurrent,graph-dual
@@ -46,7 +46,8 @@ def main() -> None:
             rows = [r for r in result["rows"] if r["mode"] == mode]
             if not rows:
                 parser.error(f"{path} has no rows of mode {mode!r}")
-            lines.append((f"aim-hf {mode} ({result['device']}, {result['date']})", rows))
+            name = "aim-hf" if mode == "graph-auto" else f"aim-hf {mode}"
+            lines.append((f"{name} ({result['device']}, {result['date']})", rows))
     presets = sorted({r["preset"] for _, rows in lines for r in rows}, key=list(ORIGINAL_H200).index)
     # one colour a (mode, device, date) in every panel; files of one device and date share it
     colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for label, _ in lines))}
