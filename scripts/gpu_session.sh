@@ -47,7 +47,7 @@ for stage in "${@:-kernel-tests tests generation kernels profile training}"; do
         tail -3 "$out/tests.log" ;;
       generation)
         timeout 480 python3 scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 32 64 256 \
-          --baseline-batch-sizes 1 --repeats 3 --vq --json "$out/generation.json" >"$out/generation.log" 2>&1
+          --caches recurrent dual --baseline-batch-sizes 1 --repeats 3 --vq --json "$out/generation.json" >"$out/generation.log" 2>&1
         tail -20 "$out/generation.log" ;;
       numerics)
         timeout 200 python3 scripts/numerics.py --json "$out/numerics.json" >"$out/numerics.log" 2>&1
