@@ -22,6 +22,8 @@ from datetime import date
 import torch
 
 from aim_hf import AiMConfig, AiMForImageGeneration, triton_gemv
+from aim_hf.cli import guidance_scale, positive_int
+from aim_hf.configuration_aim import PRESETS
 from aim_hf.files import atomic_path
 from aim_hf.modeling_aim import AiMCache
 
@@ -100,14 +102,14 @@ def time_call(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--presets", nargs="+", default=["AiM-B", "AiM-XL"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 64, 256])
+    parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["AiM-B", "AiM-XL"])
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1, 16, 64, 256])
     parser.add_argument(
-        "--baseline-batch-sizes", nargs="*", type=int, default=[1, 64],
+        "--baseline-batch-sizes", nargs="*", type=positive_int, default=[1, 64],
         help="batch sizes at which the eager baseline (no CUDA graph) is also timed",
     )  # fmt: skip
     parser.add_argument(
@@ -122,15 +124,20 @@ def main() -> None:
     parser.add_argument(
         "--state-dtype", default=None, choices=["float32", "bfloat16"], help="default: the weights'"
     )
-    parser.add_argument("--guidance-scale", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--guidance-scale", type=guidance_scale, default=2.0)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
         "--vq", action="store_true", help="also time VQ decode (LlamaGen VQ-f16, random weights)"
     )
     parser.add_argument("--json", default="benchmark.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        parser.error("the benchmark needs a CUDA GPU")
+        parser.error("the benchmark needs a CUDA GPU; none is visible here")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
     bandwidth = copy_bandwidth()
     vq = None
