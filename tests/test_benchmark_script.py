@@ -44,7 +44,14 @@ def test_floor_counts_the_weights_and_the_cache_bytes_of_each_step(dtype):
         (["--caches", "ring"], "invalid choice: 'ring'"),
         (["--guidance-scale", "-1"], "must be a finite number >= 0"),
     ],
-    ids=["zero-batch", "negative-baseline", "zero-repeats", "unknown-preset", "unknown-cache", "negative-guidance"],
+    ids=[
+        "zero-batch",
+        "negative-baseline",
+        "zero-repeats",
+        "unknown-preset",
+        "unknown-cache",
+        "negative-guidance",
+    ],
 )
 def test_benchmark_rejects_bad_arguments(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
