@@ -2,10 +2,11 @@
 
 Prints a table and writes JSON. The token loop is timed from the call to ``generate`` until the
 codes are on the device (synchronised), VQ decode separately, for the graph decoder with each
-cache form asked for ("auto": the one ``config.decode_cache="auto"`` picks for the batch, which a
-user gets; the row's ``cache`` names it) and the eager loop. The floor is the bytes a decoding step must move at least (the
-weights once, plus the recurrent state read and written or the dual history read, whichever is
-less) over the copy bandwidth measured in the same run.
+cache form asked for ("auto", the default: the form ``config.decode_cache="auto"`` picks for the
+batch, which a user gets; the row's ``cache`` names it) and the eager loop. The floor is the
+bytes a decoding step must move at least (the weights once, plus the recurrent state read and
+written or the dual history read, whichever is less) over the copy bandwidth measured in the
+same run.
 
     python scripts/benchmark.py --presets AiM-B AiM-XL --batch-sizes 1 16 64 256 --json bench.json
 """
