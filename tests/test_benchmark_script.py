@@ -1,5 +1,7 @@
-"""scripts/benchmark.py on the CPU: the floor every "x floor" in BENCHMARKS.md divides by, worked
-out here from the config's sizes, and the refusals of bad arguments (the timings need a GPU)."""
+"""The benchmark scripts on the CPU: scripts/benchmark.py's floor, which every "x floor" in
+BENCHMARKS.md divides by, worked out here from the config's sizes; scripts/benchmark.py and
+scripts/benchmark_training.py (issue #6's throughput benchmark) refuse bad arguments and a machine
+without CUDA before any work (their timings need a GPU)."""
 
 from __future__ import annotations
 
@@ -35,14 +37,19 @@ def test_floor_counts_the_weights_and_the_cache_bytes_of_each_step(dtype):
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "script, argv, message",
     [
-        (["--batch-sizes", "0"], "must be a positive integer, got 0"),
-        (["--baseline-batch-sizes", "-4"], "must be a positive integer, got -4"),
-        (["--repeats", "0"], "must be a positive integer, got 0"),
-        (["--presets", "AiM-S"], "invalid choice: 'AiM-S'"),
-        (["--caches", "ring"], "invalid choice: 'ring'"),
-        (["--guidance-scale", "-1"], "must be a finite number >= 0"),
+        ("benchmark", ["--batch-sizes", "0"], "must be a positive integer, got 0"),
+        ("benchmark", ["--baseline-batch-sizes", "-4"], "must be a positive integer, got -4"),
+        ("benchmark", ["--repeats", "0"], "must be a positive integer, got 0"),
+        ("benchmark", ["--presets", "AiM-S"], "invalid choice: 'AiM-S'"),
+        ("benchmark", ["--caches", "ring"], "invalid choice: 'ring'"),
+        ("benchmark", ["--guidance-scale", "-1"], "must be a finite number >= 0"),
+        ("benchmark_training", ["--batch-sizes", "AiM-Q=8"], "'AiM-Q=8': expected PRESET=N with PRESET in"),
+        ("benchmark_training", ["--batch-sizes", "AiM-B=0"], "'AiM-B=0': expected PRESET=N"),
+        ("benchmark_training", ["--steps", "0"], "'0' is not a positive integer"),
+        ("benchmark_training", ["--mixers", "triton"], "invalid choice: 'triton'"),
+        ("benchmark_training", ["--presets", "AiM-S"], "invalid choice: 'AiM-S'"),
     ],
     ids=[
         "zero-batch",
@@ -51,17 +58,25 @@ def test_floor_counts_the_weights_and_the_cache_bytes_of_each_step(dtype):
         "unknown-preset",
         "unknown-cache",
         "negative-guidance",
+        "training-unknown-preset-batch",
+        "training-zero-batch",
+        "training-zero-steps",
+        "training-unknown-mixer",
+        "training-unknown-preset",
     ],
 )
-def test_benchmark_rejects_bad_arguments(argv, message, tmp_path, capsys):
+def test_benchmarks_reject_bad_arguments(script, argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        load_script("benchmark").main([*argv, "--json", str(tmp_path / "bench.json")])
+        load_script(script).main([*argv, "--json", str(tmp_path / "bench.json")])
     assert message in capsys.readouterr().err and not (tmp_path / "bench.json").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_benchmark_refuses_to_run_without_cuda(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "script, argv", [("benchmark", ["--presets", "AiM-B"]), ("benchmark_training", ["--mixers", "pytorch"])]
+)
+def test_benchmarks_refuse_to_run_without_cuda(script, argv, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        load_script("benchmark").main(["--presets", "AiM-B", "--json", str(tmp_path / "b.json")])
+        load_script(script).main([*argv, "--json", str(tmp_path / "b.json")])
     assert "needs a CUDA GPU; none is visible here" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()

@@ -16,9 +16,6 @@ On the CPU this runs with gloo (the stand-in for the GPU check); on a machine wi
     OMP_NUM_THREADS=1 python -m pytest tests/test_distributed.py -m gpu -s
 
 The same comparison with FSDP2 (``--fsdp full_shard``) needs two GPUs.
-
-Also here: scripts/benchmark_training.py (issue #6's throughput benchmark) refuses bad arguments and a
-machine without CUDA before it does any work; its timings are only taken on a GPU.
 """
 
 from __future__ import annotations
@@ -33,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_data import REPO, load_script, one_thread  # noqa: F401 (fixture)
+from test_data import REPO, one_thread  # noqa: F401 (fixture)
 from test_training import train_args, workdir  # noqa: F401 (fixture)
 
 BATCH = 2  # per process; with train_args' 2 micro-batches a step takes 8 of workdir's 24 rows
@@ -133,31 +130,3 @@ def assert_same_training(one: list[dict], two: list[dict], runs: Path, device: s
     worst = max((final[0][k] - final[1][k]).abs().max().item() for k in final[0])
     print(f"{device} weights: largest difference {worst:.2e}")
     assert worst < weights
-
-
-# ---------------------------------------------------------------- scripts/benchmark_training.py
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--batch-sizes", "AiM-Q=8"], "'AiM-Q=8': expected PRESET=N with PRESET in"),
-        (["--batch-sizes", "AiM-B=0"], "'AiM-B=0': expected PRESET=N"),
-        (["--steps", "0"], "'0' is not a positive integer"),
-        (["--mixers", "triton"], "invalid choice: 'triton'"),
-        (["--presets", "AiM-S"], "invalid choice: 'AiM-S'"),
-    ],
-    ids=["unknown-preset-batch", "zero-batch", "zero-steps", "unknown-mixer", "unknown-preset"],
-)
-def test_benchmark_training_rejects_bad_arguments(argv, message, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        load_script("benchmark_training").main([*argv, "--json", str(tmp_path / "bench.json")])
-    assert message in capsys.readouterr().err and not (tmp_path / "bench.json").exists()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_benchmark_training_refuses_to_run_without_cuda(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        load_script("benchmark_training").main(["--mixers", "pytorch", "--json", str(tmp_path / "b.json")])
-    assert "needs a CUDA GPU; none is visible here" in capsys.readouterr().err
-    assert not (tmp_path / "b.json").exists()
