@@ -70,14 +70,18 @@ def main() -> None:
     )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 256])
     parser.add_argument("--vocab", type=int, default=16384)
-    parser.add_argument("--blocks", nargs="+", type=int, default=[0, 2048, 4096, 16384], help="0: the default")
+    parser.add_argument(
+        "--blocks", nargs="+", type=int, default=[0, 2048, 4096, 16384], help="0: the default"
+    )
     parser.add_argument("--num-warps", nargs="+", type=int, default=[0, 8, 32], help="0: the default")
     parser.add_argument(
-        "--splits", nargs="+", type=int, default=[0, 1], help="programs a row without filters (0: the default)"
+        "--splits",
+        nargs="+",
+        type=int,
+        default=[0, 1],
+        help="programs a row without filters (0: the default)",
     )
-    parser.add_argument(
-        "--filters", nargs="+", default=["0,1"], help="top_k,top_p pairs (0,1: no filter)"
-    )
+    parser.add_argument("--filters", nargs="+", default=["0,1"], help="top_k,top_p pairs (0,1: no filter)")
     parser.add_argument("--json", default="benchmark_draw.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():

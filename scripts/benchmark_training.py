@@ -39,6 +39,7 @@ from train import AIM_DEFAULTS  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from aim_hf import PRESETS, AiMConfig  # noqa: E402
+from aim_hf.cli import positive_int  # noqa: E402
 from aim_hf.files import atomic_path  # noqa: E402
 from aim_hf.mamba2 import KERNELS_AVAILABLE  # noqa: E402
 from aim_hf.training import AiMTrainer  # noqa: E402
@@ -57,12 +58,6 @@ def batch_size(text: str) -> tuple[str, int]:
     return preset, int(value)
 
 
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,8 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixers", nargs="+", choices=["pytorch", "kernels"], default=["pytorch", "kernels"])
     parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=["bf16"])
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"])
-    parser.add_argument("--warmup-steps", type=positive, default=5)
-    parser.add_argument("--steps", type=positive, default=20)
+    parser.add_argument("--warmup-steps", type=positive_int, default=5)
+    parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--json", default="benchmark_training.json")
     args = parser.parse_args(argv)
     args.batch_sizes = {**DEFAULT_BATCH, **dict(args.batch_sizes)}

@@ -47,7 +47,7 @@ def test_floor_counts_the_weights_and_the_cache_bytes_of_each_step(dtype):
         ("benchmark", ["--guidance-scale", "-1"], "must be a finite number >= 0"),
         ("benchmark_training", ["--batch-sizes", "AiM-Q=8"], "'AiM-Q=8': expected PRESET=N with PRESET in"),
         ("benchmark_training", ["--batch-sizes", "AiM-B=0"], "'AiM-B=0': expected PRESET=N"),
-        ("benchmark_training", ["--steps", "0"], "'0' is not a positive integer"),
+        ("benchmark_training", ["--steps", "0"], "must be a positive integer, got 0"),
         ("benchmark_training", ["--mixers", "triton"], "invalid choice: 'triton'"),
         ("benchmark_training", ["--presets", "AiM-S"], "invalid choice: 'AiM-S'"),
     ],

@@ -341,7 +341,7 @@ def test_model_card_of_a_saved_pipeline(saved, tmp_path, monkeypatch):
     assert card.data.eval_results is None  # not the paper's weights' shape: no FID claimed
     assert "https://arxiv.org/abs/2408.12245" in card.text
     snippet = _python_block(card.text)
-    assert f"AiMPipeline.from_pretrained({str(saved)!r})" in snippet
+    assert f'AiMPipeline.from_pretrained("{saved}")' in snippet
     monkeypatch.chdir(tmp_path)
     exec(snippet, {})  # the usage snippet works as written
     assert (tmp_path / "aim.png").is_file()
@@ -363,7 +363,7 @@ def test_model_card_of_released_weights():
         and "256x256 images" in card.text
         and "hp-l33/aim-xlarge" in card.text
     )
-    assert "AiMPipeline.from_pretrained('someone/aim-xl')" in card.text and "golden retriever" in card.text
+    assert 'AiMPipeline.from_pretrained("someone/aim-xl")' in card.text and "golden retriever" in card.text
     # a model of the same shape trained with this package does not claim the paper's FID
     with torch.device("meta"):
         pipeline.aim = AiMForImageGeneration(AiMConfig.from_preset("AiM-XL"))

@@ -101,7 +101,9 @@ def test_split_draw_reads_every_part_fresh_on_gpu():
     arrivals = torch.zeros(batch, dtype=torch.int32, device="cuda")
     for step in range(steps):
         logits = (3 * torch.randn(2 * batch, vocab, generator=g, device="cuda")).bfloat16()
-        draw(logits, uniforms, torch.tensor([step], device="cuda"), codes, guided, 2.0, 1.0, arrivals=arrivals)
+        draw(
+            logits, uniforms, torch.tensor([step], device="cuda"), codes, guided, 2.0, 1.0, arrivals=arrivals
+        )
         assert torch.equal(codes[:, step], sample_inverse_cdf(guide(logits, 2.0), uniforms[:, step])), step
     assert (arrivals == 0).all()
 
@@ -113,7 +115,9 @@ def test_draw_rejects_bad_arrivals():
     codes, guided = torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4096)
     for arrivals in (torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)):
         with pytest.raises(ValueError, match=r"arrivals must be \(batch,\) = \(1,\) int32 zeros, got"):
-            draw(logits, uniforms, torch.zeros(1, dtype=torch.long), codes, guided, 2.0, 1.0, arrivals=arrivals)
+            draw(
+                logits, uniforms, torch.zeros(1, dtype=torch.long), codes, guided, 2.0, 1.0, arrivals=arrivals
+            )
 
 
 @pytest.mark.parametrize(("splits", "top_k"), [(3, 0), (0, 0), (2, 50)])
@@ -123,4 +127,6 @@ def test_draw_rejects_bad_splits(splits, top_k):
     logits, uniforms = torch.zeros(2, 4096), torch.zeros(1, 4, dtype=torch.float64)
     codes, guided = torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4096)
     with pytest.raises(ValueError, match=f"got {splits}"):
-        draw(logits, uniforms, torch.zeros(1, dtype=torch.long), codes, guided, 2.0, 1.0, top_k, splits=splits)
+        draw(
+            logits, uniforms, torch.zeros(1, dtype=torch.long), codes, guided, 2.0, 1.0, top_k, splits=splits
+        )

@@ -180,7 +180,9 @@ class CUDAGraphDecoder:
         self.logits = torch.zeros(batch, config.vocab_size, dtype=torch.float32, device=device)  # last step's
         self.labels = torch.zeros(rows, dtype=torch.long, device=device)  # with the unconditional half
         self.fused = FusedStep(model, rows) if FusedStep.supported(model, rows, form) else None
-        self.fused_draw = config.use_triton_kernels and triton_sampling.supported(model.lm_head.weight, top_k, top_p)
+        self.fused_draw = config.use_triton_kernels and triton_sampling.supported(
+            model.lm_head.weight, top_k, top_p
+        )
         self.arrivals = torch.zeros(batch, dtype=torch.int32, device=device)  # the draw's, kept zero
         self.graph: torch.cuda.CUDAGraph | None = None  # one step
         self.start_graph: torch.cuda.CUDAGraph | None = None  # the class token on an empty cache
@@ -222,7 +224,9 @@ class CUDAGraphDecoder:
         dtype = torch.float32 if self.fused is not None else self.model.dtype  # the fused step's stream
         model = self.model.model
         tables = (model.embed_tokens.weight, model.embed_positions.weight)
-        embeds, t = compiled(step_embeds)(tables, self.codes, self.cache.length, self.offset, self.guided, dtype)
+        embeds, t = compiled(step_embeds)(
+            tables, self.codes, self.cache.length, self.offset, self.guided, dtype
+        )
         self.draw(self.hidden(embeds), t)
 
     def condition(self, labels: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ usage snippet, which loads the pipeline from the repo it was written for.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import TYPE_CHECKING
 
@@ -132,12 +133,13 @@ def make_model_card(pipeline: AiMPipeline, repo_id: str) -> ModelCard:
 
 
 def _snippet(repo_id: str, labels: list[str | int]) -> str:
+    """Python that loads and runs the pipeline, quoted as ruff/black would (JSON strings are Python)."""
     return (
         "```python\n"
         "import torch\n"
         "from aim_hf import AiMPipeline\n\n"
-        f"pipe = AiMPipeline.from_pretrained({repo_id!r})\n"
-        f"images = pipe({labels!r}, generator=torch.Generator().manual_seed(0)).images\n"
+        f"pipe = AiMPipeline.from_pretrained({json.dumps(repo_id, ensure_ascii=False)})\n"
+        f"images = pipe({json.dumps(labels, ensure_ascii=False)}, generator=torch.Generator().manual_seed(0)).images\n"
         'images[0].save("aim.png")\n'
         "```"
     )

@@ -74,7 +74,13 @@ def default_launch(row_groups: int, outputs: int, inputs: int, rows: int = 2) ->
     if rows in TENSOR_CORE_ROWS:
         if outputs >= inputs:
             block_n = 1 << max(4, min(6, round(math.log2(outputs / 200))))
-            return {"block_n": block_n, "block_k": min(256, padded), "stages": 3, "num_warps": 4, "early": True}
+            return {
+                "block_n": block_n,
+                "block_k": min(256, padded),
+                "stages": 3,
+                "num_warps": 4,
+                "early": True,
+            }
         return {"block_n": 16, "block_k": min(512, padded), "stages": 3, "num_warps": 2, "early": False}
     if outputs < inputs and inputs <= 3072:
         return {"block_n": 4, "block_k": padded, "stages": 0, "num_warps": 4, "early": False}
@@ -116,7 +122,9 @@ if TRITON_AVAILABLE:
         elif PRECISION == "native":
             acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
         else:
-            acc = tl.dot(x.to(w.dtype).to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32")
+            acc = tl.dot(
+                x.to(w.dtype).to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="tf32"
+            )
         return acc
 
     @triton.jit
@@ -154,7 +162,9 @@ if TRITON_AVAILABLE:
             in_window = ((r < M) & conv[None, :])[:, :, None] & (t < TAPS)
             window = win_ptr + r[:, :, None].to(tl.int64) * v_b + j[None, :, None] * v_c + t * v_k
             older = tl.load(window + v_k, mask=in_window & (t < TAPS - 1), other=0.0)
-            taps = tl.load(tap_ptr + j[None, :, None] * t_c + t * t_k, mask=in_window, other=0.0).to(tl.float32)
+            taps = tl.load(tap_ptr + j[None, :, None] * t_c + t * t_k, mask=in_window, other=0.0).to(
+                tl.float32
+            )
             if TAP_BIAS:
                 tap_bias = tl.load(tb_ptr + j[None, :], mask=conv[None, :], other=0.0).to(tl.float32)
         if PDL:
@@ -180,7 +190,9 @@ if TRITON_AVAILABLE:
                     w_next = tl.load(w_block + (start + BLOCK_K) * w_k, mask=following, other=0.0)
                 else:
                     w = tl.load(w_block + start * w_k, mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
-                x, squares = _inputs(x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE)
+                x, squares = _inputs(
+                    x_ptr, u_ptr, r, k, M, K, x_m, x_k, u_m, u_k, squares, NORM, PARTS, SCALE
+                )
                 if DOT:
                     acc = _dot(x, w, acc, PRECISION)
                 else:
@@ -196,7 +208,9 @@ if TRITON_AVAILABLE:
         if NORM:  # the norm's 1/rms is a per-row factor: applied to the products, not the inputs
             if PARTS:  # the statistic summed from the parts the previous kernel wrote
                 part = tl.arange(0, PARTS)[None, :]
-                total = tl.sum(tl.load(sq_ptr + r * sq_m + part, mask=(r < M) & (part < parts), other=0.0), axis=1)
+                total = tl.sum(
+                    tl.load(sq_ptr + r * sq_m + part, mask=(r < M) & (part < parts), other=0.0), axis=1
+                )
             else:
                 total = tl.sum(squares, axis=1)
             out = out / tl.sqrt(total / K + eps)[:, None]
@@ -205,7 +219,9 @@ if TRITON_AVAILABLE:
         if RESIDUAL:
             out = residual + gate * out
         if NEXT:  # the next in_proj's input, scaled, and this block's part of its norm's statistic
-            tl.store(nx_ptr + r * nx_m + c * nx_n, (out * next_scale).to(nx_ptr.dtype.element_ty), mask=outputs)
+            tl.store(
+                nx_ptr + r * nx_m + c * nx_n, (out * next_scale).to(nx_ptr.dtype.element_ty), mask=outputs
+            )
             square_sum = tl.sum(tl.where(outputs, out * out, 0.0), axis=1)
             tl.store(nsq_ptr + rows * nsq_m + tl.program_id(1), square_sum, mask=rows < M)
         if TAPS:  # the conv step and its SiLU, on the outputs rounded to their dtype (as conv_step)
@@ -267,7 +283,9 @@ def _launch(
     dot = rows_per_program in TENSOR_CORE_ROWS
     rows = rows_per_program if dot else min(rows_per_program, triton.next_power_of_2(m))
     given = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps, "stages": stages, "early": early}
-    launch = default_launch(triton.cdiv(m, rows), n, k, rows) | {key: v for key, v in given.items() if v is not None}
+    launch = default_launch(triton.cdiv(m, rows), n, k, rows) | {
+        key: v for key, v in given.items() if v is not None
+    }
     scale = scale.expand(m, k) if scale is not None else None  # a shared vector: row stride 0
     unread = x  # placeholder for the pointers a launch does not read
     window, taps, tap_bias, first = conv if conv is not None else (unread, unread, None, 0)
@@ -305,7 +323,9 @@ def _launch(
     return (out, next_input, next_squares) if following else out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, **launch) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, **launch
+) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias) for x (m, k) with m <= ``MAX_ROWS``, summed in float32 and
     rounded once to ``out_dtype`` (default: the weight's dtype, as cuBLAS does). ``launch``: ``block_n``, ``block_k``,
     ``num_warps``, ``stages`` (0: one block ahead by hand; 2 or more: Triton's pipeline) and
@@ -368,4 +388,14 @@ def norm_linear_residual(
     in the weight's dtype, the partial sums of out**2 (m, parts)), the input of
     ``norm_linear(..., squares=...)``."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
-    return _launch(x, weight, out, residual=residual, gate=gate, squares=squares, eps=eps, next_scale=next_scale, **launch)
+    return _launch(
+        x,
+        weight,
+        out,
+        residual=residual,
+        gate=gate,
+        squares=squares,
+        eps=eps,
+        next_scale=next_scale,
+        **launch,
+    )

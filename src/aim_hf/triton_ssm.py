@@ -219,7 +219,18 @@ def conv_update(
 
 
 def _ssm_update(
-    state, x, dt, dt_bias, A_log, B, C, gating: tuple | None, pdl: bool, block_p: int, num_warps: int, early: bool
+    state,
+    x,
+    dt,
+    dt_bias,
+    A_log,
+    B,
+    C,
+    gating: tuple | None,
+    pdl: bool,
+    block_p: int,
+    num_warps: int,
+    early: bool,
 ):
     b, h, p, n = state.shape
     block_p = min(block_p, triton.next_power_of_2(p))
@@ -252,7 +263,9 @@ def ssm_update(
     C: torch.Tensor,
 ) -> torch.Tensor:
     """Same contract as ``mamba2.ssm_step``."""
-    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, None, pdl=False, block_p=16, num_warps=4, early=False)[0]
+    return _ssm_update(
+        state, x, dt, dt_bias, A_log, B, C, None, pdl=False, block_p=16, num_warps=4, early=False
+    )[0]
 
 
 def ssm_update_gated(
@@ -283,7 +296,9 @@ def ssm_update_gated(
     weights stream while in_proj ends; by default from 32 heads: at batch 1 AiM-XL was 3% faster,
     AiM-L 1%, AiM-1B unchanged, and AiM-B (24 heads) 0.8% slower (BENCHMARKS.md)."""
     early = state.shape[1] >= 32 if early is None else early
-    return _ssm_update(state, x, dt, dt_bias, A_log, B, C, (D, z, norm_weight), pdl, block_p, num_warps, early)
+    return _ssm_update(
+        state, x, dt, dt_bias, A_log, B, C, (D, z, norm_weight), pdl, block_p, num_warps, early
+    )
 
 
 def ssm_dual_update(
