@@ -390,7 +390,7 @@ def test_push_to_hub_uploads_pipeline_and_card(monkeypatch):
     assert {"model_index.json", "aim/model.safetensors", "vqvae/diffusion_pytorch_model.safetensors"} <= set(
         uploaded
     )
-    assert "AiMPipeline.from_pretrained('someone/aim-tiny')" in uploaded["README.md"].decode()
+    assert 'AiMPipeline.from_pretrained("someone/aim-tiny")' in uploaded["README.md"].decode()
 
 
 # ---------------------------------------------------------------- conversion script
@@ -431,7 +431,7 @@ def test_script_release_in_bfloat16_and_push(tmp_path, script, capsys, monkeypat
     with safe_open(str(out / "aim" / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("model.norm_f.weight").dtype == torch.bfloat16
     assert pushed["repo_id"] == "someone/aim-b" and Path(pushed["folder_path"]) == out
-    assert "from_pretrained('someone/aim-b')" in (out / "README.md").read_text()
+    assert 'from_pretrained("someone/aim-b")' in (out / "README.md").read_text()
     assert AiMPipeline.from_pretrained(out).aim.config.adaln_groups == 4  # B, not the larger L
     assert script.main([*argv, "--tolerance", "1e-9"]) == 1
 
