@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         error = convert(args)
     except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+        sys.exit(f"error: {err}")
     tolerance = args.tolerance or TOLERANCES[args.dtype]
     print(f"saved {args.output_dir}; converted vs original logits: max relative error {error:.3e}")
     if not error <= tolerance:

@@ -127,8 +127,9 @@ def detect_format(source: Source) -> str:
     if all(source.has(name) for name in HUB_MIXIN_FILES):
         if _read_json(source.fetch("config.json")).get("model_type") == "aim":
             raise ValueError(
-                f"{source.describe('config.json')} is a bare AiMForImageGeneration, not a pipeline: load it "
-                "with AiMForImageGeneration.from_pretrained and pass it to AiMPipeline(aim=..., vqvae=...)"
+                f"{source.describe('config.json')} is a bare AiMForImageGeneration, not a pipeline: it has "
+                "no tokenizer. Give it one: in Python AiMPipeline(aim=AiMForImageGeneration.from_pretrained"
+                "(...), vqvae=...), in scripts/sample_fid.py --vqvae"
             )
         return "hub-mixin"  # the original config's fields are checked against the weights on loading
     raise FileNotFoundError(
