@@ -276,6 +276,25 @@ def _rewrite(path: Path, edit) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def test_variants_load_as_diffusers_names_them(tmp_path):
+    """A variant saved in shards (transformers and diffusers name the index
+    model.safetensors.index.fp16.json) loads; so does a folder where only some components have the
+    variant (diffusers loads the plain files of the others)."""
+    pipe = build_pipeline()
+    sharded = tmp_path / "sharded"
+    pipe.save_pretrained(sharded, variant="fp16", max_shard_size="20KB")
+    assert (sharded / "aim" / "model.safetensors.index.fp16.json").is_file()
+    assert_same_generation(AiMPipeline.from_pretrained(sharded, variant="fp16"), pipe)
+    mixed = tmp_path / "mixed"
+    pipe.save_pretrained(mixed, variant="fp16")
+    vq = mixed / "vqvae"
+    (vq / "diffusion_pytorch_model.fp16.safetensors").rename(vq / "diffusion_pytorch_model.safetensors")
+    assert_same_generation(AiMPipeline.from_pretrained(mixed, variant="fp16"), pipe)
+    (vq / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="looked for diffusion_pytorch_model.fp16.safetensors or"):
+        AiMPipeline.from_pretrained(mixed, variant="fp16")
+
+
 def test_saved_pipeline_missing_key(saved):
     _rewrite(saved / "aim" / "model.safetensors", lambda t: t.pop("model.norm_f.weight"))
     with pytest.raises(ValueError, match=r"aim/model\.safetensors: missing key 'model\.norm_f\.weight'"):

@@ -287,9 +287,7 @@ def check_pipeline_folder(
         except (ValueError, TypeError) as err:
             raise ValueError(f"{config_path}: {err}") from err
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
-        if variant:
-            weights_name = weights_name.replace(".safetensors", f".{variant}.safetensors")
-        _check_stored_shapes(folder / component / weights_name, expected)
+        _check_stored_shapes(_weight_files(folder / component, weights_name, variant), expected)
     if not skip:
         check_codebook(
             configs["vqvae"]["num_vq_embeddings"],
@@ -298,37 +296,48 @@ def check_pipeline_folder(
         )
 
 
-def _check_stored_shapes(weights: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    stored = _stored_shapes(weights)
-    for key, shape in expected.items():
-        if key not in stored:
-            raise ValueError(f"{weights}: missing key {key!r}")
-        if stored[key] != shape:
-            raise ValueError(f"{weights}: {key!r} has shape {stored[key]}, expected {shape}")
-    unexpected = sorted(set(stored) - set(expected))
-    if unexpected:
-        raise ValueError(
-            f"{weights}: unexpected key {unexpected[0]!r}" + (" and more" if len(unexpected) > 1 else "")
+def _weight_files(folder: Path, name: str, variant: str | None) -> tuple[Path, list[Path]]:
+    """One component's weights as (the file or shard index to name in errors, the safetensors files):
+    ``name`` or the shards its index lists. With a ``variant``, its files where they were saved
+    (``model.fp16.safetensors``, sharded ``model.safetensors.index.fp16.json``, as transformers and
+    diffusers name them), else the plain ones, which diffusers then loads."""
+    forms = [(name, f"{name}.index.json")]
+    if variant:
+        forms.insert(
+            0, (name.replace(".safetensors", f".{variant}.safetensors"), f"{name}.index.{variant}.json")
         )
+    for single, index in forms:
+        if (folder / single).is_file():
+            return folder / single, [folder / single]
+        if (folder / index).is_file():
+            shards = _read_json(folder / index).get("weight_map", {}).values()
+            return folder / index, sorted({folder / shard for shard in shards})
+    wanted = f"{forms[0][0]} or {name}" if variant else name
+    raise FileNotFoundError(
+        f"no weights in {folder}: looked for {wanted} (pipelines are saved as safetensors)"
+    )
 
 
-def _stored_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of a safetensors file, or of the shards its .index.json lists, from the headers."""
-    index = weights.with_name(weights.name + ".index.json")
-    if weights.is_file():
-        files = [weights]
-    elif index.is_file():
-        files = sorted({weights.with_name(f) for f in _read_json(index).get("weight_map", {}).values()})
-    else:
-        raise FileNotFoundError(f"no weights at {weights} (pipelines are saved as safetensors)")
-    shapes = {}
+def _check_stored_shapes(weights: tuple[Path, list[Path]], expected: dict[str, tuple[int, ...]]) -> None:
+    """The tensors' names and shapes, from the safetensors headers, against the model's."""
+    label, files = weights
+    stored = {}
     for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
-                shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+                stored.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
         except (SafetensorError, OSError) as err:
             raise ValueError(f"could not read {path}: {err}") from err
-    return shapes
+    for key, shape in expected.items():
+        if key not in stored:
+            raise ValueError(f"{label}: missing key {key!r}")
+        if stored[key] != shape:
+            raise ValueError(f"{label}: {key!r} has shape {stored[key]}, expected {shape}")
+    unexpected = sorted(set(stored) - set(expected))
+    if unexpected:
+        raise ValueError(
+            f"{label}: unexpected key {unexpected[0]!r}" + (" and more" if len(unexpected) > 1 else "")
+        )
 
 
 def _tokenizer_part(weights: Path) -> dict[str, torch.Tensor]:

@@ -74,9 +74,10 @@ class AiMPipeline(DiffusionPipeline):
             raise ValueError(
                 f"model_size only applies to hp-l33/aim's release files; {location} is a pipeline"
             )
-        folder = location if source.is_local else cls.download(location, **hub_args)
+        variant = kwargs.get("variant")
+        folder = location if source.is_local else cls.download(location, variant=variant, **hub_args)
         passed = tuple(name for name in hub.COMPONENT_WEIGHTS if name in kwargs)
-        hub.check_pipeline_folder(folder, kwargs.get("variant"), skip=passed)
+        hub.check_pipeline_folder(folder, variant, skip=passed)
         rest = {k: v for k, v in kwargs.items() if k not in hub.HUB_ARGUMENTS}
         return super().from_pretrained(folder, **rest)
 
