@@ -188,6 +188,16 @@ def test_check_codes_dataset_rejects_each_kind_of_bad_row():
         check_codes_dataset(ragged, num_tokens=4, vocab_size=4, num_classes=5)
 
 
+def test_checks_see_only_the_rows_left_by_select_and_filter():
+    """select/filter/shuffle keep the whole Arrow table under an index mapping: the checks read the rows."""
+    mixed = codes_dataset([[0, 1, 2, 3], [9, 9, 9], [3, 2, 1, 0]], [0, 7, 1])
+    for kept in (mixed.select([0, 2]), mixed.filter(lambda row: row["label"] < 7), mixed.select([2, 0])):
+        assert num_classes_of(kept) == 2
+        check_codes_dataset(kept, num_tokens=4, vocab_size=4, num_classes=2)
+    with pytest.raises(ValueError, match=r"labels range over \[0, 7\]"):
+        check_codes_dataset(mixed.select([0, 1]).map(lambda row: {"codes": [0, 1, 2, 3]}), 4, 4, 2)
+
+
 def test_collator_gives_the_model_inputs():
     rows = codes_dataset([[0, 1, 2, 3], [3, 2, 1, 0]], [0, 4]).with_format("numpy")
     batch = CodesCollator()([rows[0], rows[1]])

@@ -4,6 +4,7 @@ the pure-PyTorch path and a float64 reference."""
 import pytest
 import torch
 from conftest import randomize
+from test_pipeline import build_pipeline
 
 from aim_hf import AiMConfig, AiMForImageGeneration
 from aim_hf.mamba2 import KERNELS_AVAILABLE
@@ -173,3 +174,17 @@ def test_large_batch_is_split_to_fit_memory(aim_b):
         generator=[torch.Generator("cuda").manual_seed(i) for i in range(fits)],
     )
     assert torch.equal(codes[:fits], first)  # the first chunk is exactly a batch of that size
+
+
+def test_model_cpu_offload_samples_on_the_gpu():
+    """enable_model_cpu_offload: the AiM is moved onto the GPU for generate (its hook) and gives the
+    codes of the pipeline kept on the GPU."""
+    pipe = build_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    gens = lambda: [torch.Generator("cuda").manual_seed(s) for s in range(2)]  # noqa: E731
+    on_gpu = pipe.to("cuda").generate_codes([1, 2], generator=gens())
+    pipe.to("cpu")
+    pipe.enable_model_cpu_offload()
+    offloaded = pipe.generate_codes([1, 2], generator=gens())
+    assert offloaded.device.type == "cuda" and torch.equal(offloaded, on_gpu)
+    assert pipe([1, 2], generator=gens(), output_type="pt").images.shape[0] == 2

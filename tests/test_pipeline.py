@@ -9,6 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 from diffusers import ImagePipelineOutput, VQModel
 from reference_aim import random_original_state_dict, ref_config
 from test_tokenizer import SMALL_CONFIG, _small_ref_state_dict
@@ -103,6 +104,26 @@ def test_progress_bar_counts_decoding_steps(pipe):
     assert f"{NUM_TOKENS}/{NUM_TOKENS}" in log.getvalue()
 
 
+def test_generate_runs_the_offload_hook():
+    """enable_model_cpu_offload moves a component onto the GPU in a hook on its forward; sampling
+    calls generate, not forward, so generate must run the hook too (as VQModel.decode does)."""
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    pipe = build_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    add_hook_to_module(pipe.aim, Counting())
+    codes = pipe.generate_codes([1, 2], generator=seeded(0))
+    assert Counting.calls == 1
+    remove_hook_from_module(pipe.aim)
+    assert torch.equal(codes, pipe.generate_codes([1, 2], generator=seeded(0)))
+
+
 def test_class_names_from_id2label():
     stage2 = original_stage2()
     named = build_pipeline(stage2)
@@ -129,6 +150,9 @@ def test_imagenet_names_for_1000_classes():
 
 def test_models_without_class_names_take_ids(pipe):
     assert pipe.class_names is None
+    placeholders = build_pipeline()
+    placeholders.aim.config.id2label = {i: f"LABEL_{i}" for i in range(5)}  # transformers' defaults
+    assert placeholders.class_names is None
     assert pipe.get_label_ids([0, "3", torch.tensor(4)]) == [0, 3, 4]
     with pytest.raises(ValueError, match=r"'cat'.*no class names: num_classes=5"):
         pipe.get_label_ids(["cat"])

@@ -264,3 +264,14 @@ def test_final_save_keeps_tied_weights_once(tmp_path, monkeypatch):
     loaded = AiMForImageGeneration.from_pretrained(tmp_path / "model")
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_final_save_keeps_an_untied_output_layer(tmp_path):
+    _, args = train_script.parse_args(
+        ["--dataset", str(tmp_path), "--output_dir", str(tmp_path), "--use_cpu"]
+    )
+    model = randomize(AiMForImageGeneration(tiny_config(tie_word_embeddings=False)))
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    AiMTrainer(model=model, args=args).save_final_model(tmp_path / "model")
+    loaded = AiMForImageGeneration.from_pretrained(tmp_path / "model")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from diffusers import VQModel
@@ -116,12 +117,18 @@ def check_image_dataset(dataset: datasets.Dataset, image_column: str, label_colu
         raise ValueError("the image dataset has no rows")
 
 
+def _column(dataset: datasets.Dataset, name: str) -> pa.ChunkedArray:
+    """The Arrow column of the dataset's rows: after ``select``/``filter``/``shuffle`` only those
+    (``dataset.data`` is the whole table underneath)."""
+    return dataset.with_format("arrow")[name]
+
+
 def num_classes_of(dataset: datasets.Dataset, label_column: str = "label") -> int:
     """The number of classes: the ClassLabel's, else the largest label plus one."""
     feature = dataset.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes
-    return int(pc.max(dataset.data.column(label_column)).as_py()) + 1
+    return int(pc.max(_column(dataset, label_column)).as_py()) + 1
 
 
 def check_codes_dataset(
@@ -139,7 +146,7 @@ def check_codes_dataset(
     if len(dataset) == 0:
         raise ValueError("the codes dataset has no rows")
     _check_label_feature(dataset, label_column)
-    codes = dataset.data.column(codes_column)
+    codes = _column(dataset, codes_column)
     lengths = pc.min_max(pc.list_value_length(codes)).as_py()
     if lengths["min"] != num_tokens or lengths["max"] != num_tokens:
         raise ValueError(
@@ -149,7 +156,7 @@ def check_codes_dataset(
     low, high = pc.min_max(pc.list_flatten(codes)).as_py().values()
     if low < 0 or high >= vocab_size:
         raise ValueError(f"codes range over [{low}, {high}], outside the codebook [0, {vocab_size})")
-    low, high = pc.min_max(dataset.data.column(label_column)).as_py().values()
+    low, high = pc.min_max(_column(dataset, label_column)).as_py().values()
     if low < 0 or high >= num_classes:
         raise ValueError(f"labels range over [{low}, {high}], outside [0, num_classes={num_classes})")
 

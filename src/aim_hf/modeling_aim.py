@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -410,6 +411,7 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         return labels.long()
 
     # ---- generation ----
+    @apply_forward_hook  # an offload hook (enable_model_cpu_offload) moves the model in for generate too
     @torch.no_grad()
     def generate(
         self,

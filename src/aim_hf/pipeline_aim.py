@@ -158,10 +158,12 @@ class AiMPipeline(DiffusionPipeline):
     @property
     def class_names(self) -> list[str] | list[list[str]] | None:
         """One name (or list of synonyms) per class: the model config's ``id2label`` when it names
-        every class, ImageNet-1k's names for 1000 classes, else None (ids only)."""
+        every class (transformers' placeholders "LABEL_0", ... are not names), ImageNet-1k's names
+        for 1000 classes, else None (ids only)."""
         config = self.aim.config
         id2label = {int(k): v for k, v in (config.id2label or {}).items()}
-        if sorted(id2label) == list(range(config.num_classes)):
+        placeholders = all(v == f"LABEL_{k}" for k, v in id2label.items())
+        if sorted(id2label) == list(range(config.num_classes)) and not placeholders:
             return [id2label[i] for i in range(config.num_classes)]
         if config.num_classes == len(IMAGENET_CLASSES):
             return IMAGENET_CLASSES

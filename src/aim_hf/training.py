@@ -54,11 +54,11 @@ class AiMTrainer(Trainer):
         name, then renamed), from every process: FSDP's shards are gathered on all of them, and
         process zero writes. A gathered state dict holds tied weights (``lm_head.weight``) as
         copies, which ``save_pretrained`` would keep; an unsharded save has them once, so they
-        are dropped here."""
+        are dropped here (only where the config ties them: an untied ``lm_head`` is its own)."""
         state_dict = self.accelerator.get_state_dict(self.model)
         if self.is_world_process_zero():
             model = self.accelerator.unwrap_model(self.model)
-            for tied in model._tied_weights_keys:
+            for tied in model._tied_weights_keys if model.config.tie_word_embeddings else ():
                 state_dict.pop(tied, None)
             with atomic_path(directory) as tmp:
                 model.save_pretrained(tmp, state_dict=state_dict)
