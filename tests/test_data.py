@@ -133,6 +133,9 @@ def test_image_views_count_size_and_mirrors():
     assert np.array_equal(ten[4], large[2:10, 2:10])
     # crops 5..9 come from the mirror image: its top-left is the original's top-right, mirrored
     assert np.array_equal(ten[5], ten[1][:, ::-1])
+    # the larger crop's side is truncated as LlamaGen's int(size * crop_range): 11.5 -> 11, not 12
+    ten = [np.asarray(v) for v in image_views(image, 10, "ten-crop", crop_range=1.15)]
+    assert np.array_equal(ten[3], np.asarray(center_crop(image.convert("RGB"), 11))[1:, 1:])
     with pytest.raises(ValueError, match="unknown augmentation 'rotate'.*allowed"):
         image_views(image, 8, "rotate")
 

@@ -3,6 +3,7 @@
 import math
 import types
 
+import numpy as np
 import pytest
 import torch
 from conftest import randomize, tiny_config
@@ -194,6 +195,15 @@ def test_same_seed_same_codes_and_per_image_generators(tiny_model):
     assert not torch.equal(other, batch)
     one_gen = tiny_model.generate([1, 2], generator=torch.Generator().manual_seed(0))
     assert torch.equal(one_gen, tiny_model.generate([1, 2], generator=torch.Generator().manual_seed(0)))
+
+
+def test_numpy_settings_act_as_python_numbers(tiny_model):
+    """Settings from NumPy (a sweep over np.linspace, a config loaded with NumPy) are numbers too."""
+    settings = dict(guidance_scale=1.5, temperature=0.75, top_k=20, top_p=0.875)  # exact in float32
+    expected = tiny_model.generate([1, 2], generator=torch.Generator().manual_seed(0), **settings)
+    numpy_settings = {k: (np.int64(v) if isinstance(v, int) else np.float32(v)) for k, v in settings.items()}
+    codes = tiny_model.generate([1, 2], generator=torch.Generator().manual_seed(0), **numpy_settings)
+    assert torch.equal(codes, expected)
 
 
 def test_both_cache_forms_generate_the_same_codes(tiny_model, monkeypatch):

@@ -66,12 +66,13 @@ def image_views(
 ) -> list[Image.Image]:
     """The RGB views of one image that become rows of a codes dataset (``AUGMENTATIONS[augment]``).
 
-    ten-crop first center-crops to ``round(size * crop_range)`` so the five crops differ."""
+    ten-crop first center-crops to ``int(size * crop_range)`` (LlamaGen's size: 281 for 256) so
+    the five crops differ."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; allowed: {sorted(AUGMENTATIONS)}")
     image = image.convert("RGB")
     if augment == "ten-crop":
-        large = center_crop(image, round(size * crop_range))
+        large = center_crop(image, int(size * crop_range))
         return _five_crops(large, size) + _five_crops(large.transpose(Image.Transpose.FLIP_LEFT_RIGHT), size)
     view = center_crop(image, size)
     if augment == "flip":

@@ -440,7 +440,9 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         """
         config = self.config
         guidance_scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
-        check_sampling_args(guidance_scale, temperature, top_k, top_p, config.vocab_size)
+        guidance_scale, temperature, top_k, top_p = check_sampling_args(
+            guidance_scale, temperature, top_k, top_p, config.vocab_size
+        )
         labels = self.check_labels(class_labels)
         batch = labels.numel()
         device = self.device

@@ -7,26 +7,29 @@ own generator and does not depend on the rest of the batch.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 
 def check_sampling_args(
     guidance_scale: float, temperature: float, top_k: int, top_p: float, vocab_size: int
-) -> None:
-    """Raise a ValueError naming the first bad sampling setting and its allowed range."""
+) -> tuple[float, float, int, float]:
+    """The settings as Python numbers (NumPy scalars are accepted); a ValueError names the first
+    bad one and its allowed range."""
     if (
-        not isinstance(guidance_scale, (int, float))
+        not isinstance(guidance_scale, numbers.Real)
         or not math.isfinite(guidance_scale)
         or guidance_scale < 0
     ):
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+    if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= vocab_size:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= vocab_size:
         raise ValueError(f"top_k must be an integer in [0, {vocab_size}] (0 disables it), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+    return float(guidance_scale), float(temperature), int(top_k), float(top_p)
 
 
 def guide(logits: torch.Tensor, guidance_scale: float) -> torch.Tensor:
