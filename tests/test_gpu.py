@@ -155,6 +155,18 @@ def test_graph_decoder_is_reused_and_reproducible(aim_b):
     assert torch.equal(first, second)
 
 
+def test_graph_decoder_is_rebuilt_when_the_config_changes(aim_b):
+    model = aim_b
+    model.generate([1], guidance_scale=1.5, generator=torch.Generator("cuda").manual_seed(0))
+    decoder = model._graph_decoder
+    model.config.original_decode_positions = True  # changes what the captured step computes
+    try:
+        model.generate([1], guidance_scale=1.5, generator=torch.Generator("cuda").manual_seed(0))
+        assert model._graph_decoder is not decoder
+    finally:
+        model.config.original_decode_positions = False
+
+
 def test_large_batch_is_split_to_fit_memory(aim_b):
     """With only ~1.5 GiB free, 64 guided AiM-B images (about 2.5 GiB of cache) run in chunks."""
     model = aim_b

@@ -542,14 +542,15 @@ class AiMForImageGeneration(AiMPreTrainedModel):
 
     def graph_decoder(self, batch: int, guidance_scale: float, temperature: float, top_k: int, top_p: float):
         """The CUDA-graph decoder for this setting; one is kept (its cache can be large) and
-        rebuilt when the batch, the sampling settings, the cache form or the weights' storage
-        change."""
+        rebuilt when the batch, the sampling settings, the config (e.g. ``state_dtype``,
+        ``original_decode_positions``), the cache form or the weights' storage change."""
         from .fast_decode import CUDAGraphDecoder
 
         # the graph reads the weights where they were at capture: any move or cast means a new one
         weights = tuple(p.data_ptr() for p in self.parameters())
         form = self.cache_form(2 * batch if guidance_scale != 1.0 else batch, self.device)
-        key = (batch, guidance_scale, temperature, top_k, top_p, form, weights)
+        config = self.config.to_json_string(use_diff=False)
+        key = (batch, guidance_scale, temperature, top_k, top_p, form, config, weights)
         decoder = getattr(self, "_graph_decoder", None)
         if decoder is None or decoder.key != key:
             self._graph_decoder = None  # free the old cache first
