@@ -188,15 +188,17 @@ def test_large_batch_is_split_to_fit_memory(aim_b):
     assert torch.equal(codes[:fits], first)  # the first chunk is exactly a batch of that size
 
 
-def test_model_cpu_offload_samples_on_the_gpu():
-    """enable_model_cpu_offload: the AiM is moved onto the GPU for generate (its hook) and gives the
-    codes of the pipeline kept on the GPU."""
+@pytest.mark.parametrize("lookup_from_codebook", [True, False])
+def test_model_cpu_offload_samples_on_the_gpu(lookup_from_codebook):
+    """enable_model_cpu_offload: the AiM is moved onto the GPU for generate (its hook), the tokenizer
+    for decode, and the pipeline gives the codes and images of the pipeline kept on the GPU."""
     pipe = build_pipeline()
+    pipe.vqvae.register_to_config(lookup_from_codebook=lookup_from_codebook)
     pipe.set_progress_bar_config(disable=True)
     gens = lambda: [torch.Generator("cuda").manual_seed(s) for s in range(2)]  # noqa: E731
-    on_gpu = pipe.to("cuda").generate_codes([1, 2], generator=gens())
+    on_gpu = pipe.to("cuda")([1, 2], generator=gens(), output_type="pt").images
     pipe.to("cpu")
     pipe.enable_model_cpu_offload()
-    offloaded = pipe.generate_codes([1, 2], generator=gens())
-    assert offloaded.device.type == "cuda" and torch.equal(offloaded, on_gpu)
-    assert pipe([1, 2], generator=gens(), output_type="pt").images.shape[0] == 2
+    offloaded = pipe([1, 2], generator=gens(), output_type="pt").images
+    assert pipe.aim.device.type == "cpu" and pipe.vqvae.device.type == "cpu"  # moved back out
+    assert torch.equal(offloaded, on_gpu)

@@ -229,7 +229,10 @@ class AiMPipeline(DiffusionPipeline):
         """Images of VQ codes (num_images, num_tokens) with pixel values in [0, 1]: a list of PIL
         images ("pil"), a float array (N, H, W, 3) ("np") or a float tensor (N, 3, H, W) ("pt")."""
         _check_output_type(output_type)
-        images = (decode_codes(self.vqvae, codes).float() / 2 + 0.5).clamp(0, 1).cpu()
+        # an offloaded tokenizer (enable_model_cpu_offload) waits on the CPU until decode moves it
+        device = self._execution_device if hasattr(self.vqvae, "_hf_hook") else self.vqvae.device
+        images = decode_codes(self.vqvae, codes, device)
+        images = (images.float() / 2 + 0.5).clamp(0, 1).cpu()
         if output_type == "pt":
             return images
         array = images.permute(0, 2, 3, 1).numpy()

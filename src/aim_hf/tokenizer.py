@@ -220,8 +220,9 @@ def encode_images(vq: VQModel, images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def decode_codes(vq: VQModel, codes: Tensor) -> Tensor:
-    """Images in about [-1, 1], shape (B, 3, H, W), from codes (B, N) on a sqrt(N) x sqrt(N) grid."""
+def decode_codes(vq: VQModel, codes: Tensor, device: torch.device | None = None) -> Tensor:
+    """Images in about [-1, 1], shape (B, 3, H, W), from codes (B, N) on a sqrt(N) x sqrt(N) grid,
+    decoded on ``device`` (default: the tokenizer's)."""
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}")
     if codes.ndim != 2:
@@ -238,11 +239,15 @@ def decode_codes(vq: VQModel, codes: Tensor) -> Tensor:
             raise ValueError(f"code {bad} is outside the codebook range [0, {size})")
     embed_dim = vq.config.vq_embed_dim or vq.config.latent_channels
     shape = (batch, side, side, embed_dim)
-    indices = codes.to(device=vq.device, dtype=torch.long).reshape(-1)
+    device = vq.device if device is None else device
+    indices = codes.to(device=device, dtype=torch.long).reshape(-1)
     if vq.config.lookup_from_codebook:
         return vq.decode(indices, force_not_quantize=True, shape=shape).sample
-    # Without lookup_from_codebook, decode() takes the quantised latent itself.
-    return vq.decode(vq.quantize.get_codebook_entry(indices, shape), force_not_quantize=True).sample
+    # Without lookup_from_codebook, decode() takes the quantised latent itself; the lookup runs
+    # where the codebook is (an offloaded tokenizer moves to the device only inside decode).
+    codebook = vq.quantize.embedding.weight.device
+    latent = vq.quantize.get_codebook_entry(indices.to(codebook), shape).to(device)
+    return vq.decode(latent, force_not_quantize=True).sample
 
 
 def images_to_uint8(images: Tensor) -> Tensor:
