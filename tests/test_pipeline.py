@@ -208,6 +208,27 @@ def test_save_and_load_round_trip(tmp_path, pipe):
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == files
 
 
+def test_saving_over_another_sharding_leaves_no_stale_weights(tmp_path, pipe):
+    """A single model.safetensors left beside a new shard index would be loaded instead of it."""
+    folder = tmp_path / "pipe"
+    pipe.save_pretrained(folder)
+    pipe.save_pretrained(folder, variant="fp16")  # another variant: kept
+    changed = build_pipeline(original_stage2(seed=1))
+    changed.save_pretrained(folder, max_shard_size="20KB")
+    names = {p.name for p in (folder / "aim").iterdir()}
+    assert "model.safetensors" not in names and "model.safetensors.index.json" in names
+    assert "model.fp16.safetensors" in names
+    loaded = AiMPipeline.from_pretrained(folder)
+    assert torch.equal(loaded.aim.model.norm_f.weight, changed.aim.model.norm_f.weight)
+    assert not torch.equal(loaded.aim.model.norm_f.weight, pipe.aim.model.norm_f.weight)
+    pipe.save_pretrained(folder)  # and back: the shards go
+    assert sorted(p.name for p in (folder / "aim").iterdir()) == [
+        "config.json",
+        "model.fp16.safetensors",
+        "model.safetensors",
+    ]
+
+
 def test_save_refuses_pickles(tmp_path, pipe):
     with pytest.raises(ValueError, match="safetensors only"):
         pipe.save_pretrained(tmp_path, safe_serialization=False)

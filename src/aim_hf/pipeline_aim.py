@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -126,6 +127,8 @@ class AiMPipeline(DiffusionPipeline):
             super().save_pretrained(staging, variant=variant, max_shard_size=max_shard_size)
             card = make_model_card(self, repo_id or os.fspath(save_directory))
             card.save(os.path.join(staging, "README.md"))
+            for stale in _stale_weights(Path(staging), target, variant):
+                stale.unlink()
             _move_into(Path(staging), target, last="model_index.json")
         if push_to_hub:
             self.push_to_hub(repo_id or target.name, variant=variant, **kwargs)
@@ -276,6 +279,22 @@ class AiMPipeline(DiffusionPipeline):
 def _check_output_type(output_type: str) -> None:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+
+
+def _stale_weights(staging: Path, target: Path, variant: str | None) -> list[Path]:
+    """The weight files of this variant in ``target`` that the new save does not write: those of
+    a save sharded otherwise (or not at all) would stay beside the new ones, and loaders take a
+    single file before a shard index. Other variants' files are kept."""
+    stale = []
+    for component, name in hub.COMPONENT_WEIGHTS.items():
+        stem = name.removesuffix(".safetensors") + (f".{variant}" if variant else "")
+        index = f"{name}.index.{variant}.json" if variant else f"{name}.index.json"
+        pattern = re.compile(rf"{re.escape(stem)}(-\d+-of-\d+)?\.safetensors|{re.escape(index)}")
+        written = {p.name for p in (staging / component).glob("*")}
+        stale += [
+            p for p in (target / component).glob("*") if pattern.fullmatch(p.name) and p.name not in written
+        ]
+    return stale
 
 
 def _move_into(staging: Path, target: Path, last: str) -> None:
