@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from aim_hf import AiMForImageGeneration, AiMPipeline
+from aim_hf import AiMForImageGeneration, AiMPipeline, cli
 from aim_hf.digits import DigitClassifier, digits_tensors, frechet_distance, load_digits_dataset
 from aim_hf.files import atomic_path
 
@@ -41,12 +42,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="an AiMPipeline folder trained on the digits")
-    parser.add_argument("--samples-per-class", type=int, default=100)
-    parser.add_argument("--guidance-scale", type=float, help="default: the model's default_guidance_scale")
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--samples-per-class", type=cli.positive_int, default=100)
+    parser.add_argument(
+        "--guidance-scale", type=cli.guidance_scale, help="default: the model's default_guidance_scale"
+    )
+    parser.add_argument("--batch-size", type=cli.positive_int, default=250)
     parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; also seeds the split")
     parser.add_argument("--output", help="JSON file for the results")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output is not None:
+        output = Path(args.output)
+        if output.is_dir() or not output.parent.is_dir():
+            parser.error(f"--output {args.output}: must be a file in an existing folder")
+    return args
 
 
 def generate(

@@ -108,6 +108,16 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_output_naming_a_folder_is_refused(tmp_path, capsys):
+    folder = tmp_path / "grid.png"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    with pytest.raises(SystemExit):
+        main(["--num-images", "1", "--output", str(folder)])
+    assert "is a folder" in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "precious"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_absent_cuda_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):

@@ -151,3 +151,20 @@ def test_evaluate_digits_reduced_run(tmp_path):
         assert len(row["per_class_consistency"]) == 10
     # Random weights draw no digits: far from the real ones in the classifier's feature space.
     assert rows["random init"]["frechet_distance"] > 5 * rows["real (held out)"]["frechet_distance"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--samples-per-class", "0"], "must be a positive integer, got 0"),
+        (["--batch-size", "-3"], "must be a positive integer, got -3"),
+        (["--guidance-scale", "-1"], "must be a finite number >= 0"),
+        (["--output", "{tmp}/missing/eval.json"], "must be a file in an existing folder"),
+        (["--output", "{tmp}"], "must be a file in an existing folder"),
+    ],
+)
+def test_evaluate_digits_rejects_bad_arguments_before_work(tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("evaluate_digits").main(["--model", str(tmp_path / "no-model"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

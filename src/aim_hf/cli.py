@@ -97,6 +97,8 @@ def check_output(path: str, parser: argparse.ArgumentParser) -> Path:
         parser.error(f"--output must name a .png file, got {path}")
     if not output.parent.is_dir():
         parser.error(f"--output {path}: folder {output.parent} does not exist")
+    if output.is_dir():
+        parser.error(f"--output {path} is a folder; name a .png file")
     return output
 
 
