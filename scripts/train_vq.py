@@ -115,8 +115,10 @@ def load_images(args: argparse.Namespace) -> Dataset:
     return dataset.select_columns([args.image_column])
 
 
-def image_loader(dataset: Dataset, args: argparse.Namespace, shuffle: bool) -> DataLoader:
-    """Batches of images in [-1, 1], (B, 3, resolution, resolution)."""
+def image_loader(
+    dataset: Dataset, args: argparse.Namespace, shuffle: bool, batch_size: int | None = None
+) -> DataLoader:
+    """Batches of images in [-1, 1], (B, 3, resolution, resolution), of ``--batch-size`` unless given."""
 
     def collate(rows: list[dict[str, Image.Image]]) -> Tensor:
         return views_to_tensor(
@@ -126,7 +128,7 @@ def image_loader(dataset: Dataset, args: argparse.Namespace, shuffle: bool) -> D
     generator = torch.Generator().manual_seed(args.seed)
     return DataLoader(
         dataset,
-        batch_size=args.batch_size,
+        batch_size=batch_size or args.batch_size,
         shuffle=shuffle,
         drop_last=shuffle,
         collate_fn=collate,
@@ -210,6 +212,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed)
     accelerator = Accelerator()
     dataset = load_images(args)
+    if len(dataset) < args.batch_size * accelerator.num_processes:  # training drops the last partial batch
+        raise SystemExit(
+            f"--batch-size {args.batch_size} x {accelerator.num_processes} process(es) is more than the "
+            f"{len(dataset)} images: no full batch to train on; lower --batch-size"
+        )
     vq = VQModel(**vq_config(args))
     usage = CodeUsage(args.codebook_size)
     vq.quantize.register_forward_hook(usage)
@@ -262,9 +269,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         with atomic_path(args.output) as tmp:
             model.save_pretrained(tmp)
         if args.preview:
-            first = next(
-                iter(image_loader(dataset.select(range(min(20, len(dataset)))), args, shuffle=False))
-            )
+            count = min(20, len(dataset))
+            first = next(iter(image_loader(dataset.select(range(count)), args, False, batch_size=count)))
             save_preview(model, first.to(accelerator.device), args.preview)
     accelerator.print(
         f"reconstruction MSE {metrics['mse']:.5f} ([0, 1] pixels, PSNR {metrics['psnr_db']:.1f} dB), "

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import VQModel
+from PIL import Image
 from scipy.linalg import sqrtm
 
 from aim_hf import AiMConfig, AiMForImageGeneration, AiMPipeline
@@ -114,8 +115,17 @@ def test_train_vq_reduced_run(tmp_path):
     vq = VQModel.from_pretrained(output)
     codes = encode_images(vq, digits_tensors(load_digits_dataset(16).select(range(4)))[0] * 2 - 1)
     assert codes.shape == (4, 64) and codes.max() < 16
-    assert (tmp_path / "preview.png").is_file()
+    # the first 20 images over their reconstructions, whatever the batch size: 2 rows of 10 (x4 pixels)
+    preview = np.asarray(Image.open(tmp_path / "preview.png"))
+    assert preview.shape[:2] == (4 * 16 * 4, 10 * 16 * 4)
+    assert preview[2 * 64 : 3 * 64, 9 * 64 :].any()  # image 19 (a digit: some pixels lit)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    with pytest.raises(SystemExit, match="--batch-size 128 x 1 process"):  # 64 images: no full batch
+        load_script("train_vq").main(
+            ["--dataset", str(tmp_path / "images"), "--resolution", "16", "--batch-size", "128",
+             "--output", str(tmp_path / "vq2")]
+        )  # fmt: skip
+    assert not (tmp_path / "vq2").exists()
 
 
 def tiny_digits_pipeline() -> AiMPipeline:
