@@ -140,6 +140,17 @@ def test_image_views_count_size_and_mirrors():
         image_views(image, 8, "rotate")
 
 
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    levels = np.array([[0, 3000, 30000, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    image = Image.open(tmp_path / "deep.png")
+    assert image.mode == "I;16"
+    (view,) = image_views(image, 4)
+    assert np.asarray(view)[0, :, 0].tolist() == [0, 12, 117, 255]  # value / 257, rounded
+    eight_bit = Image.fromarray((levels / 257).round().astype(np.uint8))
+    assert np.array_equal(np.asarray(view), np.asarray(image_views(eight_bit, 4)[0]))
+
+
 def test_views_to_tensor_range_and_layout():
     view = Image.fromarray(np.array([[[0, 255, 0]]], dtype=np.uint8))
     tensor = views_to_tensor([view])
