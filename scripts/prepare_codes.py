@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = {
         "source": source._fingerprint,
         "num_rows": len(source),
+        "image_column": args.image_column,
+        "label_column": args.label_column,
         "shard_size": args.shard_size,
         "image_size": args.image_size,
         "augment": args.augment,

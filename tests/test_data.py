@@ -304,3 +304,14 @@ def test_prepare_codes_rejects_bad_input_before_work(tmp_path, vq_dir, images_di
     with pytest.raises(SystemExit):
         prepare.main(prepare_args(images_dir, vq_dir, output, "--shard-size", "0"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_codes_resume_refuses_other_columns(tmp_path, vq_dir, images_dir):
+    """A second label column: a resumed run with --label-column switched would mix the two."""
+    two_labels = datasets.load_from_disk(str(images_dir))
+    two_labels.add_column("fine", list(range(len(two_labels)))).save_to_disk(str(tmp_path / "two"))
+    prepare = load_script("prepare_codes")
+    args = prepare_args(tmp_path / "two", vq_dir, tmp_path / "codes")
+    assert prepare.main([*args, "--max-shards", "1"]) == 0
+    with pytest.raises(ValueError, match="other settings.*label_column: 'label' then, 'fine' now"):
+        prepare.main([*args, "--label-column", "fine"])
