@@ -13,6 +13,7 @@ order and label dropout as an uninterrupted run. The final model is saved to OUT
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +106,20 @@ def build_model(script: ScriptArguments, train: datasets.Dataset) -> AiMForImage
         model = AiMForImageGeneration(AiMConfig(**fields))
     if script.class_dropout_prob is not None:
         model.config.class_dropout_prob = script.class_dropout_prob
+    name_classes(model.config, train.features[script.label_column])
     return model.train()
+
+
+def name_classes(config: AiMConfig, feature: object) -> None:
+    """The dataset's class names into the config (``id2label``), so that the pipeline and
+    aim-generate take them. Not ImageNet's WordNet ids (n01440764, ... from a folder of the
+    training set): for 1000 classes the pipeline knows ImageNet's readable names in that order."""
+    if not isinstance(feature, datasets.ClassLabel) or feature.num_classes != config.num_classes:
+        return
+    if all(re.fullmatch(r"n\d{8}", name) for name in feature.names):
+        return
+    config.id2label = dict(enumerate(feature.names))
+    config.label2id = {name: i for i, name in enumerate(feature.names)}
 
 
 def load_codes(path: str, script: ScriptArguments) -> datasets.Dataset:

@@ -11,6 +11,7 @@ import sys
 import types
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,7 @@ from conftest import randomize, tiny_config
 from safetensors.torch import load_file
 from test_data import IMAGE_SIZE, load_script, make_images, make_vq, one_thread, prepare_args  # noqa: F401
 
-from aim_hf import AiMForImageGeneration
+from aim_hf import AiMConfig, AiMForImageGeneration
 from aim_hf.training import AiMTrainer, last_complete_checkpoint, plain_parameter_name, resize_class_embedding
 
 train_script = load_script("train")
@@ -110,6 +111,20 @@ def test_finetune_from_saved_model_to_more_classes(workdir, trained):
     assert torch.equal(new[:3], old[:3]) and torch.equal(new[5], old[3])
     assert torch.allclose(new[3], old[:3].mean(0)) and torch.allclose(new[4], old[:3].mean(0))
     assert json.loads((output / "model" / "config.json").read_text())["num_classes"] == 5
+
+
+def test_class_names_of_the_dataset_go_into_the_config(workdir, tmp_path):
+    codes = datasets.load_from_disk(str(workdir / "codes"))
+    names = ["red", "green", "blue"]
+    codes.cast_column("label", datasets.ClassLabel(names=names)).save_to_disk(str(tmp_path / "named"))
+    args = train_args(workdir, tmp_path / "out")
+    args[args.index("--dataset") + 1], args[args.index("--max_steps") + 1] = str(tmp_path / "named"), "1"
+    train_script.main(args)
+    config = AiMForImageGeneration.from_pretrained(tmp_path / "out" / "model").config
+    assert config.id2label == {0: "red", 1: "green", 2: "blue"} and config.label2id["blue"] == 2
+    wordnet = AiMConfig(num_classes=2)
+    train_script.name_classes(wordnet, datasets.ClassLabel(names=["n01440764", "n01443537"]))
+    assert wordnet.id2label == {0: "LABEL_0", 1: "LABEL_1"}  # left to the pipeline's ImageNet names
 
 
 def test_resize_class_embedding_shrinks_and_keeps_the_null_row():
