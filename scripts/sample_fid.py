@@ -233,11 +233,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if state.is_main_process:
         paths = [png_path(folder, i) for i in range(args.num_images)]
         write_npz(paths, npz)
+        saved = folder / "metrics.json"
         if args.inception_weights is not None:
-            metrics = compute_metrics(paths, args)
-            with atomic_path(folder / "metrics.json") as tmp:
+            metrics = {"num_images": len(paths), **compute_metrics(paths, args)}
+            with atomic_path(saved) as tmp:
                 tmp.write_text(json.dumps(metrics, indent=1))
             print(json.dumps(metrics, indent=1))
+        elif saved.is_file() and json.loads(saved.read_text()).get("num_images") != len(paths):
+            saved.unlink()  # the metrics of another number of images than the .npz now holds
     state.wait_for_everyone()
     return metrics
 

@@ -250,6 +250,11 @@ def test_metrics_use_local_weights_and_the_reference(sampled, tmp_path, monkeypa
         generated[2].permute(1, 2, 0), torch.from_numpy(np.load(sampled.with_name("samples.npz"))["arr_0"][2])
     )
     assert len(ref) == 3 and ref[0].shape == (3, 16, 16) and int(ref[0][0, 0, 0]) == 9
+    assert metrics["num_images"] == 5
+    sample_script.main(sample_args(sampled.parent))  # the same images, no metrics asked: kept
+    assert json.loads((sampled / "metrics.json").read_text()) == metrics
+    sample_script.main(sample_args(sampled.parent, "--num-images", "6"))  # another set: they go
+    assert not (sampled / "metrics.json").exists()
 
 
 def test_sample_fid_rejects_bad_arguments_before_sampling(workdir, tmp_path):
