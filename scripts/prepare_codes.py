@@ -152,12 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output = Path(args.output)
     work = output.with_name(output.name + ".work")
+    # cpu: without a GPU, processes started by torchrun or accelerate launch find each other over gloo
+    state = PartialState(cpu=not torch.cuda.is_available())
     if output.exists():
-        if work.exists() and PartialState().is_main_process:
+        if work.exists() and state.is_main_process:
             shutil.rmtree(work)  # left by a run killed while deleting it, after OUTPUT was complete
         print(f"{output} already exists; nothing to do (delete it to tokenise again)")
         return 0
-    state = PartialState()
     datasets.disable_progress_bars()  # one bar over the shards instead of one per saved shard
     vq = load_vq(args.tokenizer)
     factor = 2 ** (len(vq.config.block_out_channels) - 1)

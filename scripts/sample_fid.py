@@ -191,7 +191,7 @@ def sample(pipe: AiMPipeline, indices: list[int], folder: Path, args: argparse.N
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes: gloo, as prepare_codes
     pipe = load_pipeline(args)
     guidance = (
         args.guidance_scale if args.guidance_scale is not None else pipe.aim.config.default_guidance_scale

@@ -208,7 +208,7 @@ def save_preview(vq: VQModel, images: Tensor, path: str, columns: int = 10, scal
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train, save to ``args.output`` and return the final metrics with the per-step losses."""
     set_seed(args.seed)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # CPU processes: gloo
     dataset = load_images(args)
     if len(dataset) < args.batch_size * accelerator.num_processes:  # training drops the last partial batch
         raise SystemExit(

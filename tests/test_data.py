@@ -315,3 +315,24 @@ def test_prepare_codes_resume_refuses_other_columns(tmp_path, vq_dir, images_dir
     assert prepare.main([*args, "--max-shards", "1"]) == 0
     with pytest.raises(ValueError, match="other settings.*label_column: 'label' then, 'fine' now"):
         prepare.main([*args, "--label-column", "fine"])
+
+
+def test_prepare_codes_splits_shards_over_cpu_processes(tmp_path, vq_dir, images_dir):
+    """Two processes from torchrun on a machine without a GPU each take their own shards (before,
+    each saw itself alone and encoded every shard); the result equals one process's."""
+    output = tmp_path / "codes"
+    args = prepare_args(images_dir, vq_dir, output)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "scripts" / "prepare_codes.py"), *args, "--max-shards", "1"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    work = tmp_path / "codes.work"
+    assert sorted(p.name for p in work.glob("shard-*")) == ["shard-000000", "shard-000001"]
+    assert load_script("prepare_codes").main(args) == 0  # the third shard, then the dataset
+    single = tmp_path / "single"
+    assert load_script("prepare_codes").main(prepare_args(images_dir, vq_dir, single)) == 0
+    together, alone = datasets.load_from_disk(str(output)), datasets.load_from_disk(str(single))
+    assert together["codes"] == alone["codes"] and together["label"] == alone["label"]
