@@ -296,16 +296,19 @@ def check_pipeline_folder(
         )
 
 
+def weight_names(name: str, variant: str | None) -> tuple[str, str]:
+    """The single file and the shard index of weights ``name`` in ``variant``, as transformers and
+    diffusers name them (``model.fp16.safetensors``, ``model.safetensors.index.fp16.json``)."""
+    if not variant:
+        return name, f"{name}.index.json"
+    return name.replace(".safetensors", f".{variant}.safetensors"), f"{name}.index.{variant}.json"
+
+
 def _weight_files(folder: Path, name: str, variant: str | None) -> tuple[Path, list[Path]]:
     """One component's weights as (the file or shard index to name in errors, the safetensors files):
-    ``name`` or the shards its index lists. With a ``variant``, its files where they were saved
-    (``model.fp16.safetensors``, sharded ``model.safetensors.index.fp16.json``, as transformers and
-    diffusers name them), else the plain ones, which diffusers then loads."""
-    forms = [(name, f"{name}.index.json")]
-    if variant:
-        forms.insert(
-            0, (name.replace(".safetensors", f".{variant}.safetensors"), f"{name}.index.{variant}.json")
-        )
+    the single file or the shards its index lists; with a ``variant``, its files where they were
+    saved, else the plain ones, which diffusers then loads."""
+    forms = [weight_names(name, variant)] + ([weight_names(name, None)] if variant else [])
     for single, index in forms:
         if (folder / single).is_file():
             return folder / single, [folder / single]

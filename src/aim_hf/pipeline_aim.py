@@ -287,8 +287,8 @@ def _stale_weights(staging: Path, target: Path, variant: str | None) -> list[Pat
     single file before a shard index. Other variants' files are kept."""
     stale = []
     for component, name in hub.COMPONENT_WEIGHTS.items():
-        stem = name.removesuffix(".safetensors") + (f".{variant}" if variant else "")
-        index = f"{name}.index.{variant}.json" if variant else f"{name}.index.json"
+        single, index = hub.weight_names(name, variant)
+        stem = single.removesuffix(".safetensors")  # shards: STEM-00001-of-00002.safetensors
         pattern = re.compile(rf"{re.escape(stem)}(-\d+-of-\d+)?\.safetensors|{re.escape(index)}")
         written = {p.name for p in (staging / component).glob("*")}
         stale += [
