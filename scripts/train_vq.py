@@ -42,7 +42,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from aim_hf.data import center_crop, to_rgb, views_to_tensor
+from aim_hf.data import image_views, views_to_tensor
 from aim_hf.digits import load_digits_dataset
 from aim_hf.files import atomic_path
 from aim_hf.tokenizer import decode_codes, encode_images, images_to_uint8
@@ -121,7 +121,10 @@ def image_loader(
     """Batches of images in [-1, 1], (B, 3, resolution, resolution), of ``--batch-size`` unless given."""
 
     def collate(rows: list[dict[str, Image.Image]]) -> Tensor:
-        return views_to_tensor([center_crop(to_rgb(r[args.image_column]), args.resolution) for r in rows])
+        # the preprocessing prepare_codes gives the images the codes come from (one view: "none")
+        return views_to_tensor(
+            [view for r in rows for view in image_views(r[args.image_column], args.resolution)]
+        )
 
     generator = torch.Generator().manual_seed(args.seed)
     return DataLoader(

@@ -42,7 +42,7 @@ __all__ = [
 AUGMENTATIONS: dict[str, int] = {"none": 1, "flip": 2, "ten-crop": 10}
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB with 8 bits a channel. 16-bit grayscale (PIL's "I;16" modes, as 16-bit PNGs open) is
     scaled down first: PIL's own conversion clips it at 255, turning most such images white."""
     if image.mode.startswith("I;16"):
@@ -79,7 +79,7 @@ def image_views(
     the five crops differ."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; allowed: {sorted(AUGMENTATIONS)}")
-    image = to_rgb(image)
+    image = _to_rgb(image)
     if augment == "ten-crop":
         large = center_crop(image, int(size * crop_range))
         return _five_crops(large, size) + _five_crops(large.transpose(Image.Transpose.FLIP_LEFT_RIGHT), size)
