@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 from huggingface_hub import create_repo, upload_folder
 
 from aim_hf import AiMForImageGeneration, AiMPipeline, hub
 from aim_hf.conversion import load_original, read_state_dict
+from aim_hf.files import atomic_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Relative logit error allowed after storing the weights in each dtype (the check runs in float32).
@@ -87,8 +89,27 @@ def max_relative_error(
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-def convert(args: argparse.Namespace) -> float:
-    """Convert, save, check; returns the max relative error of the logits."""
+class CheckFailed(Exception):
+    """The converted logits differ from the original's by more than the tolerance."""
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse to replace a folder that is not an earlier conversion (its other files would go)."""
+    if path.exists() and not (
+        path.is_dir() and (not any(path.iterdir()) or (path / hub.PIPELINE_INDEX).is_file())
+    ):
+        raise ValueError(
+            f"output_dir {path} exists and is not a pipeline folder (no {hub.PIPELINE_INDEX});"
+            " give a new or empty folder, or an earlier conversion to replace"
+        )
+
+
+def convert(args: argparse.Namespace, tolerance: float) -> float:
+    """Convert, save, check; returns the max relative error of the logits.
+
+    The pipeline is saved under a temporary name and renamed onto ``output_dir`` only when the
+    check passes, so a failed conversion leaves no folder (and an earlier one in place)."""
+    check_output_dir(Path(args.output_dir))
     source = hub.Source(args.source, cache_dir=args.cache_dir, revision=args.revision)
     original = load_original_directly(source, args.model_size)
     vqvae = hub.load_tokenizer(read_state_dict(args.vq), args.vq, original.config) if args.vq else None
@@ -100,24 +121,26 @@ def convert(args: argparse.Namespace) -> float:
         cache_dir=args.cache_dir,
         revision=args.revision,
     )
-    pipe.save_pretrained(args.output_dir, repo_id=args.push_to_hub)
-    del pipe
-    converted = AiMPipeline.from_pretrained(args.output_dir).aim
-    return max_relative_error(converted, original, args.seed)
+    with atomic_path(args.output_dir) as staging:
+        pipe.save_pretrained(staging, repo_id=args.push_to_hub or args.output_dir)
+        del pipe
+        converted = AiMPipeline.from_pretrained(staging).aim
+        error = max_relative_error(converted, original, args.seed)
+        print(f"converted vs original logits: max relative error {error:.3e}")
+        if not error <= tolerance:
+            raise CheckFailed(f"max relative error {error:.3e} exceeds the tolerance {tolerance:.1e}")
+    print(f"saved {args.output_dir}")
+    return error
 
 
 def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
     try:
-        error = convert(args)
+        convert(args, args.tolerance or TOLERANCES[args.dtype])
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
-    tolerance = args.tolerance or TOLERANCES[args.dtype]
-    print(f"saved {args.output_dir}; converted vs original logits: max relative error {error:.3e}")
-    if not error <= tolerance:
-        print(
-            f"FAILED: max relative error {error:.3e} exceeds the tolerance {tolerance:.1e}", file=sys.stderr
-        )
+    except CheckFailed as err:
+        print(f"FAILED: {err}; nothing saved", file=sys.stderr)
         return 1
     if args.push_to_hub:
         repo_id = create_repo(args.push_to_hub, private=args.private, exist_ok=True).repo_id

@@ -452,7 +452,14 @@ def test_script_release_in_bfloat16_and_push(tmp_path, script, capsys, monkeypat
     assert pushed["repo_id"] == "someone/aim-b" and Path(pushed["folder_path"]) == out
     assert 'from_pretrained("someone/aim-b")' in (out / "README.md").read_text()
     assert AiMPipeline.from_pretrained(out).aim.config.adaln_groups == 4  # B, not the larger L
+    # A failed check saves nothing: the earlier conversion stays, no temporaries are left.
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
     assert script.main([*argv, "--tolerance", "1e-9"]) == 1
+    assert "FAILED" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "llamagen", "release"]
+    assert script.main([*argv[:1], str(tmp_path / "new"), *argv[2:], "--tolerance", "1e-9"]) == 1
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize(
@@ -462,6 +469,7 @@ def test_script_release_in_bfloat16_and_push(tmp_path, script, capsys, monkeypat
         (["{tmp}/nothing-here", "{out}"], 1, "neither a local folder nor a valid hub repo id"),
         (["{tmp}", "{out}", "--model-size", "M"], 2, "invalid choice: 'M'"),
         (["{tmp}", "{out}", "--tolerance", "-1"], 2, "--tolerance must be > 0"),
+        (["{saved}", "{tmp}"], 1, "exists and is not a pipeline folder"),
     ],
 )
 def test_script_errors(tmp_path, saved, script, capsys, argv, status, message):
