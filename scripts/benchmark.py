@@ -14,6 +14,7 @@ same run.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -130,8 +131,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--vq", action="store_true", help="also time VQ decode (LlamaGen VQ-f16, random weights)"
     )
+    parser.add_argument(
+        "--compiled-vq", action="store_true",
+        help="also time VQ decode with the decoder compiled in place (vq.decoder.compile()); implies --vq",
+    )  # fmt: skip
     parser.add_argument("--json", default="benchmark.json")
     args = parser.parse_args(argv)
+    args.vq = args.vq or args.compiled_vq
     if not torch.cuda.is_available():
         parser.error("the benchmark needs a CUDA GPU; none is visible here")
     return args
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
     bandwidth = copy_bandwidth()
-    vq = None
+    decoders = {}
     if args.vq:
         from diffusers import VQModel
 
@@ -149,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
 
         with torch.device("cuda"):
             vq = VQModel(**llamagen_vq_config()).to(dtype).eval()
+        decoders = {"vq": vq}
+        if args.compiled_vq:
+            decoders["vq_compiled"] = copy.deepcopy(vq)
+            decoders["vq_compiled"].decoder.compile()
     rows = []
     for preset in args.presets:
         model = random_model(AiMConfig.from_preset(preset, state_dtype=args.state_dtype), dtype)
@@ -183,11 +193,10 @@ def main(argv: list[str] | None = None) -> None:
                     "floor_s": min(floors.values()),
                 }  # fmt: skip
                 row["ratio_to_floor"] = loop / row["floor_s"]
-                if vq is not None:
-                    time_call(decode_codes, vq, codes)  # warm-up
-                    decode, _ = time_call(decode_codes, vq, codes)
-                    row["vq_decode_s"] = decode
-                    row["images_per_s_with_vq"] = batch / (loop + decode)
+                for name, decoder in decoders.items():  # the first call compiles a new batch size
+                    row[f"{name}_first_call_s"] = time_call(decode_codes, decoder, codes)[0]
+                    row[f"{name}_decode_s"] = time_call(decode_codes, decoder, codes)[0]
+                    row[f"images_per_s_with_{name}"] = batch / (loop + row[f"{name}_decode_s"])
                 rows.append(row)
                 print(
                     f"{preset:7s} batch {batch:4d} {mode:14s} {cache:9s}: loop {loop:8.3f} s  {row['images_per_s']:8.1f} img/s  "
@@ -202,11 +211,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"\n{result['device']}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, {result['date']}")
     header = ("preset", "batch", "mode", "cache", "loop s", "img/s", "x floor", "first s")
-    print(f"{header[0]:8s}{header[1]:>6s}{header[2]:>20s}{''.join(f'{h:>10s}' for h in header[3:])}")
+    header += tuple(f"{name} s" for name in decoders)
+    print(f"{header[0]:8s}{header[1]:>6s}{header[2]:>20s}{''.join(f'{h:>14s}' for h in header[3:])}")
     for r in rows:
+        decodes = "".join(f"{r[f'{name}_decode_s']:14.3f}" for name in decoders)
         print(
-            f"{r['preset']:8s}{r['batch']:6d}{r['mode']:>20s}{r['cache']:>10s}{r['token_loop_s']:10.3f}{r['images_per_s']:10.1f}"
-            f"{r['ratio_to_floor']:10.1f}{r['first_call_s']:10.1f}"
+            f"{r['preset']:8s}{r['batch']:6d}{r['mode']:>20s}{r['cache']:>14s}{r['token_loop_s']:14.3f}"
+            f"{r['images_per_s']:14.1f}{r['ratio_to_floor']:14.1f}{r['first_call_s']:14.1f}{decodes}"
         )
 
 
