@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--reference", default=None, help="reference images for FID: ADM .npz or image folder")
     p.add_argument("--metrics-batch-size", type=int, default=100)
+    p.add_argument("--png-workers", type=int, default=4, help="threads encoding PNGs beside sampling")
     args = p.parse_args(argv)
-    for name in ("num_images", "batch_size", "metrics_batch_size"):
+    for name in ("num_images", "batch_size", "metrics_batch_size", "png_workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.reference is not None and args.inception_weights is None:
@@ -168,25 +170,38 @@ def compute_metrics(paths: list[Path], args: argparse.Namespace) -> dict[str, fl
     )
 
 
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+
+
 def sample(pipe: AiMPipeline, indices: list[int], folder: Path, args: argparse.Namespace, show: bool) -> None:
-    """Sample and save the images ``indices``, ``args.batch_size`` at a time."""
+    """Sample and save the images ``indices``, ``args.batch_size`` at a time.
+
+    A batch's PNGs are encoded on ``args.png_workers`` threads (zlib releases the GIL) while the
+    GPU samples the next batch: encoding 256 images takes seconds on one core, as long as sampling
+    them. At most one batch is being written at a time, and a failed write stops the run."""
     num_classes, device = pipe.aim.config.num_classes, pipe.aim.device
     batches = [indices[i : i + args.batch_size] for i in range(0, len(indices), args.batch_size)]
-    for batch in tqdm(batches, desc="batches", disable=not show):
-        generators = [torch.Generator(device).manual_seed(args.base_seed + i) for i in batch]
-        images = pipe(
-            [i % num_classes for i in batch],
-            guidance_scale=args.guidance_scale,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            generator=generators,
-            output_type="pt",
-        ).images
-        pixels = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        for index, array in zip(batch, pixels):
-            with atomic_path(png_path(folder, index)) as tmp:
-                Image.fromarray(array).save(tmp, format="PNG")
+    writing: list[Future] = []
+    with ThreadPoolExecutor(max_workers=args.png_workers) as pool:
+        for batch in tqdm(batches, desc="batches", disable=not show):
+            generators = [torch.Generator(device).manual_seed(args.base_seed + i) for i in batch]
+            images = pipe(
+                [i % num_classes for i in batch],
+                guidance_scale=args.guidance_scale,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                generator=generators,
+                output_type="pt",
+            ).images
+            pixels = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            for done in writing:
+                done.result()
+            writing = [pool.submit(write_png, png_path(folder, i), array) for i, array in zip(batch, pixels)]
+        for done in writing:
+            done.result()
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -257,9 +257,26 @@ def test_metrics_use_local_weights_and_the_reference(sampled, tmp_path, monkeypa
     assert not (sampled / "metrics.json").exists()
 
 
+def test_a_failed_png_write_stops_sampling(workdir, trained, tmp_path, monkeypatch):
+    """PNGs are written on threads beside sampling; an error there is not lost with its thread."""
+    write_png = sample_script.write_png
+
+    def failing(path, pixels):
+        if path.name == "000002.png":
+            raise OSError(f"disk full writing {path.name}")
+        write_png(path, pixels)
+
+    monkeypatch.setattr(sample_script, "write_png", failing)
+    with pytest.raises(OSError, match="disk full writing 000002.png"):
+        sample_script.main(sample_args(workdir, "--output", str(tmp_path / "s"), "--png-workers", "2"))
+    assert not (tmp_path / "s" / "000002.png").exists() and not (tmp_path / "s.npz").exists()
+
+
 def test_sample_fid_rejects_bad_arguments_before_sampling(workdir, tmp_path):
     with pytest.raises(SystemExit):
         sample_script.main(sample_args(workdir, "--num-images", "0"))
+    with pytest.raises(SystemExit):
+        sample_script.main(sample_args(workdir, "--png-workers", "0"))
     with pytest.raises(SystemExit):
         sample_script.main(sample_args(workdir, "--reference", str(tmp_path)))  # no --inception-weights
     with pytest.raises(ValueError, match="top_p must be in"):
