@@ -295,6 +295,24 @@ def test_bad_generation_input(tiny_model, kwargs, match):
         tiny_model.generate(**kwargs)
 
 
+def test_memory_held_by_the_allocator_counts_as_free(tiny_model, monkeypatch):
+    """What PyTorch's caching allocator holds unused (a VQ decode of 256 images leaves ~25 GiB) is
+    free for the next generate: counted only by the device, it split later batches into chunks,
+    each size a new graph capture."""
+    gib = 2**30
+
+    def fits(device_free: int, reserved: int, allocated: int) -> int:
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (device_free, 80 * gib))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+        return tiny_model.max_batch_size_for(guided=True)
+
+    all_free = fits(8 * gib, 0, 0)
+    assert all_free > 1000
+    assert fits(2 * gib, 6 * gib, 0) == all_free  # 6 GiB freed into the allocator's cache
+    assert fits(2 * gib, 6 * gib, 4 * gib) == fits(4 * gib, 0, 0)  # 4 GiB of it in use
+
+
 @pytest.mark.parametrize("form", ["recurrent", "dual"])
 def test_compiled_step_equals_the_eager_step(form):
     """The CUDA-graph decoder's compiled functions (fullgraph, Inductor options) on the CPU, where

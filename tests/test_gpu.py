@@ -188,6 +188,21 @@ def test_large_batch_is_split_to_fit_memory(aim_b):
     assert torch.equal(codes[:fits], first)  # the first chunk is exactly a batch of that size
 
 
+def test_memory_cached_by_the_allocator_counts_as_free(aim_b):
+    """After a large allocation is freed into PyTorch's cache (as a VQ decode of 256 images leaves
+    ~25 GiB), the batch that fits is what it was (``test_generation`` checks the rule on the CPU)."""
+    model = aim_b
+    torch.cuda.empty_cache()
+    fits = model.max_batch_size_for(guided=True)
+    available = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    block = torch.empty(available // 2, dtype=torch.uint8, device="cuda")
+    del block  # freed, and kept by the caching allocator
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() >= available // 2
+    now = model.max_batch_size_for(guided=True)
+    assert abs(now - fits) <= 0.01 * fits, (now, fits)
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.parametrize("lookup_from_codebook", [True, False])
 def test_model_cpu_offload_samples_on_the_gpu(lookup_from_codebook):
     """enable_model_cpu_offload: the AiM is moved onto the GPU for generate (its hook), the tokenizer
