@@ -203,6 +203,31 @@ def test_memory_cached_by_the_allocator_counts_as_free(aim_b):
     torch.cuda.empty_cache()
 
 
+def test_decode_is_split_to_fit_memory():
+    """With 4 GiB free, 64 images of LlamaGen's VQ-f16 in float32 (about 12 GiB at once) decode in
+    chunks that fit, and equal the images decoded at once (TF32 off: float32 in another order, 1e-5)."""
+    from diffusers import VQModel
+
+    from aim_hf.memory import free_memory
+    from aim_hf.tokenizer import decode_batch_size, decode_codes, llamagen_vq_config
+
+    vq = VQModel(**llamagen_vq_config()).cuda().eval()
+    codes = torch.randint(0, 16384, (64, 256), generator=torch.Generator().manual_seed(0))
+    torch.cuda.empty_cache()
+    hog = torch.empty(free_memory("cuda") - 4 * 2**30, dtype=torch.uint8, device="cuda")
+    fits = decode_batch_size(vq, 16, torch.device("cuda"))
+    assert 4 <= fits < 64
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        chunked = decode_codes(vq, codes)
+        assert torch.cuda.max_memory_allocated() - start < 4 * 2**30
+        del hog
+        whole = decode_codes(vq, codes, batch_size=64)
+    assert ((chunked - whole).norm() / whole.norm()).item() < 1e-5
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.parametrize("lookup_from_codebook", [True, False])
 def test_model_cpu_offload_samples_on_the_gpu(lookup_from_codebook):
     """enable_model_cpu_offload: the AiM is moved onto the GPU for generate (its hook), the tokenizer

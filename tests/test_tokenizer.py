@@ -10,6 +10,7 @@ lowest resolution and in the middle) with fewer channels.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from aim_hf.tokenizer import (
     convert_llamagen_vq_state_dict,
+    decode_batch_size,
     decode_codes,
     encode_images,
     images_to_uint8,
@@ -447,6 +449,36 @@ def test_decode_codes_validation() -> None:
         decode_codes(vq, torch.full((1, 16), 32))
     with pytest.raises(ValueError, match=r"code -1 .*\[0, 32\)"):
         decode_codes(vq, torch.full((1, 16), -1))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        decode_codes(vq, torch.zeros(1, 16, dtype=torch.long), batch_size=0)
+
+
+@pytest.mark.parametrize("lookup_from_codebook", [True, False])
+def test_decode_codes_in_chunks(lookup_from_codebook: bool) -> None:
+    """Five images two at a time are the five at once (float32, sums in another order: 1e-6)."""
+    vq = _tiny_vq(lookup_from_codebook)
+    codes = torch.randint(0, 32, (5, 16), generator=torch.Generator().manual_seed(2))
+    whole = decode_codes(vq, codes)
+    chunked = decode_codes(vq, codes, batch_size=2)
+    assert chunked.shape == whole.shape == (5, 3, 8, 8)
+    assert ((chunked - whole).norm() / whole.norm()).item() < 1e-6
+
+
+def test_decode_batch_size_fits_the_free_memory(monkeypatch) -> None:
+    """On a CUDA device the decode takes as many images as fit: about six full-resolution
+    activations an image (measured), eight counted, within 80% of what is free, memory held
+    unused by PyTorch's allocator included."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 7 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * gib)
+    llamagen = SimpleNamespace(config=SimpleNamespace(block_out_channels=(128, 128, 256, 256, 512)))
+    per_image = 8 * 128 * 256 * 256  # 16x16 codes -> 256x256 pixels, bytes per element below
+    for dtype, size in [(torch.bfloat16, 2), (torch.float32, 4)]:
+        llamagen.dtype = dtype
+        expected = int(0.8 * 8 * gib) // (per_image * size)  # 2 GiB free + 6 GiB cached
+        assert decode_batch_size(llamagen, 16, torch.device("cuda")) == expected
+    assert expected == 25  # float32: 25 images of LlamaGen's VQ-f16 in 8 GiB
 
 
 def test_encode_images_validation() -> None:

@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 from . import triton_ssm
 from .configuration_aim import CACHE_FORMS, AiMConfig
 from .mamba2 import GatedRMSNorm, LayerCache, Mamba2Mixer, compute_dtype
+from .memory import free_memory
 from .sampling import check_sampling_args, draw_uniforms, filter_logits, guide, sample_inverse_cdf
 
 
@@ -498,8 +499,7 @@ class AiMForImageGeneration(AiMPreTrainedModel):
     def max_batch_size_for(self, guided: bool) -> int:
         """How many images fit in the free memory of the model's CUDA device: the decoding cache
         (in the form it will take) and the per-row logits work of each image, within 80% of what
-        is free. Free counts what PyTorch's allocator holds unused (e.g. after a VQ decode), which
-        it hands out again or releases when asked for more."""
+        is free (``memory.free_memory``: what PyTorch's allocator holds unused counts as free)."""
         config = self.config
         rows = 2 if guided else 1
         work = (  # logits, prefix pass, each layer's adaLN (AiMModel.layer_modulations)
@@ -507,8 +507,7 @@ class AiMForImageGeneration(AiMPreTrainedModel):
             + config.num_tokens * config.intermediate_size * 4 * 8
             + config.num_hidden_layers * 3 * config.hidden_size * 4
         )
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        free = free_memory(self.device)
         decoder = getattr(self, "_graph_decoder", None)
         if decoder is not None:  # its cache is freed or reused by the next call
             free += decoder.cache.nbytes()
