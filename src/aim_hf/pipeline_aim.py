@@ -230,7 +230,8 @@ class AiMPipeline(DiffusionPipeline):
         self, codes: torch.Tensor, output_type: str = "pil"
     ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
         """Images of VQ codes (num_images, num_tokens) with pixel values in [0, 1]: a list of PIL
-        images ("pil"), a float array (N, H, W, 3) ("np") or a float tensor (N, 3, H, W) ("pt")."""
+        images ("pil"), a float array (N, H, W, 3) ("np") or a float tensor (N, 3, H, W) ("pt").
+        On a GPU the codes are decoded in chunks that fit its free memory (``decode_codes``)."""
         _check_output_type(output_type)
         # an offloaded tokenizer (enable_model_cpu_offload) waits on the CPU until decode moves it
         device = self._execution_device if hasattr(self.vqvae, "_hf_hook") else self.vqvae.device
