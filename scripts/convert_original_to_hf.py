@@ -94,7 +94,10 @@ class CheckFailed(Exception):
 
 
 def check_output_dir(path: Path) -> None:
-    """Refuse to replace a folder that is not an earlier conversion (its other files would go)."""
+    """Refuse to replace a folder that is not an earlier conversion (its other files would go), or
+    the folder this process runs in (``path`` resolved: a link is followed to its folder)."""
+    if path == Path.cwd() or path in Path.cwd().parents:
+        raise ValueError(f"output_dir {path} is the current folder or holds it; give a folder inside it")
     if path.exists() and not (
         path.is_dir() and (not any(path.iterdir()) or (path / hub.PIPELINE_INDEX).is_file())
     ):
@@ -109,7 +112,8 @@ def convert(args: argparse.Namespace, tolerance: float) -> float:
 
     The pipeline is saved under a temporary name and renamed onto ``output_dir`` only when the
     check passes, so a failed conversion leaves no folder (and an earlier one in place)."""
-    check_output_dir(Path(args.output_dir))
+    output_dir = Path(args.output_dir).resolve()
+    check_output_dir(output_dir)
     source = hub.Source(args.source, cache_dir=args.cache_dir, revision=args.revision)
     original = load_original_directly(source, args.model_size)
     vqvae = hub.load_tokenizer(read_state_dict(args.vq), args.vq, original.config) if args.vq else None
@@ -121,7 +125,7 @@ def convert(args: argparse.Namespace, tolerance: float) -> float:
         cache_dir=args.cache_dir,
         revision=args.revision,
     )
-    with atomic_path(args.output_dir) as staging:
+    with atomic_path(output_dir) as staging:
         pipe.save_pretrained(staging, repo_id=args.push_to_hub or args.output_dir)
         del pipe
         converted = AiMPipeline.from_pretrained(staging).aim

@@ -234,6 +234,12 @@ def test_atomic_path_leaves_nothing_on_failure_and_replaces_folders(tmp_path):
             tmp.mkdir()
             (tmp / "f").write_text(text)
     assert (target / "f").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    # a rename that fails (a folder onto a link to a folder) leaves the target and no temporary
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(OSError), atomic_path(tmp_path / "link") as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "out", "real"]
 
 
 # ---------------------------------------------------------------- prepare_codes.py

@@ -460,6 +460,11 @@ def test_script_release_in_bfloat16_and_push(tmp_path, script, capsys, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "llamagen", "release"]
     assert script.main([*argv[:1], str(tmp_path / "new"), *argv[2:], "--tolerance", "1e-9"]) == 1
     assert not (tmp_path / "new").exists()
+    # a link to a folder: the conversion goes into the folder it points to
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert script.main([*argv[:1], str(tmp_path / "link"), *argv[2:]]) == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model_index.json").is_file()
 
 
 @pytest.mark.parametrize(
@@ -470,6 +475,7 @@ def test_script_release_in_bfloat16_and_push(tmp_path, script, capsys, monkeypat
         (["{tmp}", "{out}", "--model-size", "M"], 2, "invalid choice: 'M'"),
         (["{tmp}", "{out}", "--tolerance", "-1"], 2, "--tolerance must be > 0"),
         (["{saved}", "{tmp}"], 1, "exists and is not a pipeline folder"),
+        (["{saved}", "."], 1, "is the current folder or holds it"),
     ],
 )
 def test_script_errors(tmp_path, saved, script, capsys, argv, status, message):

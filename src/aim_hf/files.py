@@ -31,16 +31,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
+        if path.is_dir() and not path.is_symlink():  # a folder cannot be replaced in one rename
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
-    if path.is_dir() and not path.is_symlink():  # a folder cannot be replaced in one rename
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
 
 
 def remove_temporaries(folder: str | os.PathLike, name: str | None = None) -> None:
