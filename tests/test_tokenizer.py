@@ -449,6 +449,8 @@ def test_decode_codes_validation() -> None:
         decode_codes(vq, torch.full((1, 16), 32))
     with pytest.raises(ValueError, match=r"code -1 .*\[0, 32\)"):
         decode_codes(vq, torch.full((1, 16), -1))
+    with pytest.raises(ValueError, match=r"no image \(shape \(0, 16\)\)"):
+        decode_codes(vq, torch.zeros(0, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         decode_codes(vq, torch.zeros(1, 16, dtype=torch.long), batch_size=0)
 

@@ -232,23 +232,22 @@ def decode_codes(
     if codes.ndim != 2:
         raise ValueError(f"codes must have shape (B, N), got {tuple(codes.shape)}")
     batch, length = codes.shape
+    if batch == 0:
+        raise ValueError(f"codes hold no image (shape {tuple(codes.shape)})")
     side = math.isqrt(length)
     if side * side != length or length == 0:
         raise ValueError(f"the number of codes per image must be a positive perfect square, got {length}")
     size = vq.config.num_vq_embeddings
-    if codes.numel():
-        low, high = int(codes.min()), int(codes.max())
-        if low < 0 or high >= size:
-            bad = low if low < 0 else high
-            raise ValueError(f"code {bad} is outside the codebook range [0, {size})")
+    low, high = int(codes.min()), int(codes.max())
+    if low < 0 or high >= size:
+        bad = low if low < 0 else high
+        raise ValueError(f"code {bad} is outside the codebook range [0, {size})")
     device = torch.device(vq.device if device is None else device)
     if batch_size is None:
-        batch_size = decode_batch_size(vq, side, device) if device.type == "cuda" else max(batch, 1)
+        batch_size = decode_batch_size(vq, side, device) if device.type == "cuda" else batch
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    chunks = [
-        _decode(vq, codes[i : i + batch_size], side, device) for i in range(0, max(batch, 1), batch_size)
-    ]
+    chunks = [_decode(vq, codes[i : i + batch_size], side, device) for i in range(0, batch, batch_size)]
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
