@@ -55,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random codes of the check")
     parser.add_argument(
-        "--push-to-hub", metavar="REPO", help="upload the converted pipeline to this hub repo"
+        "--push-to-hub",
+        metavar="REPO",
+        help="upload the converted pipeline to this hub repo (created first: without a login it fails before converting)",
     )
     parser.add_argument("--private", action="store_true", help="create the hub repo as private")
     args = parser.parse_args(argv)
@@ -107,8 +109,9 @@ def check_output_dir(path: Path) -> None:
         )
 
 
-def convert(args: argparse.Namespace, tolerance: float) -> float:
-    """Convert, save, check; returns the max relative error of the logits.
+def convert(args: argparse.Namespace, tolerance: float, card_name: str) -> float:
+    """Convert, save (the model card's snippet loading ``card_name``), check; returns the max
+    relative error of the logits.
 
     The pipeline is saved under a temporary name and renamed onto ``output_dir`` only when the
     check passes, so a failed conversion leaves no folder (and an earlier one in place)."""
@@ -126,7 +129,7 @@ def convert(args: argparse.Namespace, tolerance: float) -> float:
         revision=args.revision,
     )
     with atomic_path(output_dir) as staging:
-        pipe.save_pretrained(staging, repo_id=args.push_to_hub or args.output_dir)
+        pipe.save_pretrained(staging, repo_id=card_name)
         del pipe
         converted = AiMPipeline.from_pretrained(staging).aim
         error = max_relative_error(converted, original, args.seed)
@@ -139,15 +142,17 @@ def convert(args: argparse.Namespace, tolerance: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
+    repo_id = None
+    if args.push_to_hub:  # first: a missing login fails before the work, and the card gets the full id
+        repo_id = create_repo(args.push_to_hub, private=args.private, exist_ok=True).repo_id
     try:
-        convert(args, args.tolerance or TOLERANCES[args.dtype])
+        convert(args, args.tolerance or TOLERANCES[args.dtype], repo_id or args.output_dir)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     except CheckFailed as err:
         print(f"FAILED: {err}; nothing saved", file=sys.stderr)
         return 1
-    if args.push_to_hub:
-        repo_id = create_repo(args.push_to_hub, private=args.private, exist_ok=True).repo_id
+    if repo_id is not None:
         upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message=f"Convert {args.source}")
         print(f"pushed to https://huggingface.co/{repo_id}")
     return 0

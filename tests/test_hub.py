@@ -440,11 +440,15 @@ def test_script_release_in_bfloat16_and_push(tmp_path, script, capsys, monkeypat
     torch.save(original_stage2(seed=2, adaln_group=False), release / "aim_b.bin")  # float32: bf16 rounds it
     vq_file = write_llamagen(tmp_path / "llamagen", original_vq()) / "vq_ds16_c2i.pt"
     pushed = {}
-    monkeypatch.setattr(script, "create_repo", lambda repo_id, **_: SimpleNamespace(repo_id=repo_id))
+
+    def create_repo(repo_id, **_):  # as the hub does: a name without a namespace goes to the user's
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"someone/{repo_id}")
+
+    monkeypatch.setattr(script, "create_repo", create_repo)
     monkeypatch.setattr(script, "upload_folder", lambda **kwargs: pushed.update(kwargs))
     out = tmp_path / "converted"
     argv = [str(release), str(out), "--model-size", "B", "--vq", str(vq_file), "--dtype", "bfloat16"]
-    assert script.main([*argv, "--push-to-hub", "someone/aim-b"]) == 0
+    assert script.main([*argv, "--push-to-hub", "aim-b"]) == 0
     error = float(re.search(r"max relative error (\S+)", capsys.readouterr().out).group(1))
     assert 0 < error < 5e-2  # float32 logits of bfloat16 weights
     with safe_open(str(out / "aim" / "model.safetensors"), framework="pt") as f:
