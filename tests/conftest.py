@@ -14,6 +14,15 @@ def tiny_config(**overrides) -> AiMConfig:
     return AiMConfig(**fields)
 
 
+def fake_cuda_memory(monkeypatch, device_free: int, reserved: int, allocated: int) -> None:
+    """CUDA's memory queries as a device with ``device_free`` bytes free whose caching allocator
+    holds ``reserved`` bytes, ``allocated`` of them in use: the rules that size batches by free
+    memory (``aim_hf.memory``) tested without a GPU."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (device_free, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+
+
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random non-zero values in every parameter, with magnitudes that keep activations O(1)."""
     g = torch.Generator().manual_seed(seed)

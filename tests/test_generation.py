@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_config
+from conftest import fake_cuda_memory, randomize, tiny_config
 from reference_aim import (
     random_original_state_dict,
     ref_config,
@@ -302,9 +302,7 @@ def test_memory_held_by_the_allocator_counts_as_free(tiny_model, monkeypatch):
     gib = 2**30
 
     def fits(device_free: int, reserved: int, allocated: int) -> int:
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (device_free, 80 * gib))
-        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved)
-        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated)
+        fake_cuda_memory(monkeypatch, device_free, reserved, allocated)
         return tiny_model.max_batch_size_for(guided=True)
 
     all_free = fits(8 * gib, 0, 0)

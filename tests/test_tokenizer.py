@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fake_cuda_memory
 from diffusers import VQModel
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -471,9 +472,7 @@ def test_decode_batch_size_fits_the_free_memory(monkeypatch) -> None:
     activations an image (measured), eight counted, within 80% of what is free, memory held
     unused by PyTorch's allocator included."""
     gib = 2**30
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gib, 80 * gib))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 7 * gib)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * gib)
+    fake_cuda_memory(monkeypatch, device_free=2 * gib, reserved=7 * gib, allocated=1 * gib)
     llamagen = SimpleNamespace(config=SimpleNamespace(block_out_channels=(128, 128, 256, 256, 512)))
     per_image = 8 * 128 * 256 * 256  # 16x16 codes -> 256x256 pixels, bytes per element below
     for dtype, size in [(torch.bfloat16, 2), (torch.float32, 4)]:
