@@ -25,6 +25,7 @@ from .memory import free_memory
 
 __all__ = [
     "convert_llamagen_vq_state_dict",
+    "decode_batch_size",
     "decode_codes",
     "encode_images",
     "images_to_uint8",
