@@ -280,7 +280,7 @@ def check_pipeline_folder(
             with torch.device("meta"):
                 if component == "aim":
                     model = AiMForImageGeneration(AiMConfig.from_dict(configs[component]))
-                    tied = set(model._tied_weights_keys) if model.config.tie_word_embeddings else set()
+                    tied = set(model.all_tied_weights_keys)  # none where the config unties them
                 else:
                     model = VQModel.from_config(configs[component])
                     tied = set()

@@ -58,7 +58,7 @@ class AiMTrainer(Trainer):
         state_dict = self.accelerator.get_state_dict(self.model)
         if self.is_world_process_zero():
             model = self.accelerator.unwrap_model(self.model)
-            for tied in model._tied_weights_keys if model.config.tie_word_embeddings else ():
+            for tied in model.all_tied_weights_keys:  # transformers': empty where the config unties them
                 state_dict.pop(tied, None)
             with atomic_path(directory) as tmp:
                 model.save_pretrained(tmp, state_dict=state_dict)
