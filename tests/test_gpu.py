@@ -191,10 +191,12 @@ def test_large_batch_is_split_to_fit_memory(aim_b):
 def test_memory_cached_by_the_allocator_counts_as_free(aim_b):
     """After a large allocation is freed into PyTorch's cache (as a VQ decode of 256 images leaves
     ~25 GiB), the batch that fits is what it was (``test_generation`` checks the rule on the CPU)."""
+    from aim_hf.memory import free_memory
+
     model = aim_b
     torch.cuda.empty_cache()
     fits = model.max_batch_size_for(guided=True)
-    available = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    available = free_memory("cuda")
     block = torch.empty(available // 2, dtype=torch.uint8, device="cuda")
     del block  # freed, and kept by the caching allocator
     assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() >= available // 2
