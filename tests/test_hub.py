@@ -295,6 +295,32 @@ def test_variants_load_as_diffusers_names_them(tmp_path):
         AiMPipeline.from_pretrained(mixed, variant="fp16")
 
 
+def test_plain_load_is_float32_beside_a_variant(tmp_path):
+    """diffusers loads its models in float32 unless asked; transformers 5 alone takes aim/config.json's
+    dtype, which an fp16 variant saved beside the float32 weights rewrites: the plain load gave a
+    float16 AiM (its float32 weights cast down) beside a float32 VQ."""
+    pipe = build_pipeline()
+    pipe.save_pretrained(tmp_path / "p")
+    build_pipeline().to(torch.float16).save_pretrained(tmp_path / "p", variant="fp16")
+    plain = AiMPipeline.from_pretrained(tmp_path / "p")
+    assert (plain.aim.dtype, plain.vqvae.dtype) == (torch.float32, torch.float32)
+    assert_same_generation(plain, pipe)
+    fp16 = AiMPipeline.from_pretrained(tmp_path / "p", variant="fp16", dtype=torch.float16)
+    assert (fp16.aim.dtype, fp16.vqvae.dtype) == (torch.float16, torch.float16)
+
+
+@pytest.mark.parametrize("variant", ["", "a/b", "fp.16", 16])
+def test_bad_variant_is_refused_before_anything_is_written(saved, variant):
+    """An empty variant names model..safetensors, and the save then removed the plain weights as
+    stale; a path separator failed inside safetensors."""
+    before = {p: p.read_bytes() for p in saved.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=rf"variant must be None or a name of letters.*got {variant!r}"):
+        build_pipeline().save_pretrained(saved, variant=variant)
+    assert {p: p.read_bytes() for p in saved.rglob("*") if p.is_file()} == before
+    with pytest.raises(ValueError, match="variant must be None"):
+        AiMPipeline.from_pretrained(saved, variant=variant)
+
+
 def test_saved_pipeline_missing_key(saved):
     _rewrite(saved / "aim" / "model.safetensors", lambda t: t.pop("model.norm_f.weight"))
     with pytest.raises(ValueError, match=r"aim/model\.safetensors: missing key 'model\.norm_f\.weight'"):
@@ -389,6 +415,19 @@ def test_model_card_of_released_weights():
     assert make_model_card(pipeline, "someone/aim-xl").data.eval_results is None
 
 
+def test_model_card_of_1000_named_classes_of_its_own(tmp_path, monkeypatch):
+    """A model with 1000 classes of its own names is not an ImageNet model: the card's snippet
+    runs with its names (it took "golden retriever") and claims no ImageNet dataset."""
+    pipe = build_pipeline(original_stage2(num_classes=1000))
+    pipe.aim.config.id2label = {i: f"style {i}" for i in range(1000)}
+    card = make_model_card(pipe, str(tmp_path / "p"))
+    assert card.data.datasets is None and "imagenet" not in card.data.tags and "ImageNet" not in card.text
+    pipe.save_pretrained(tmp_path / "p")
+    monkeypatch.chdir(tmp_path)
+    exec(_python_block(card.text), {})
+    assert (tmp_path / "aim.png").is_file()
+
+
 def test_push_to_hub_uploads_pipeline_and_card(monkeypatch):
     uploaded = {}
 
@@ -410,6 +449,31 @@ def test_push_to_hub_uploads_pipeline_and_card(monkeypatch):
         uploaded
     )
     assert 'AiMPipeline.from_pretrained("someone/aim-tiny")' in uploaded["README.md"].decode()
+
+
+def test_push_from_save_keeps_the_sharding_and_checks_first(tmp_path, monkeypatch):
+    """save_pretrained(push_to_hub=True) uploads what it saved (the push re-saved without
+    max_shard_size), and bad arguments are refused before the repo is created."""
+    uploaded, calls = set(), []
+    monkeypatch.setattr(
+        aim_hf.pipeline_aim,
+        "create_repo",
+        lambda repo_id, **_: calls.append(repo_id) or SimpleNamespace(repo_id=repo_id),
+    )
+    monkeypatch.setattr(
+        aim_hf.pipeline_aim,
+        "upload_folder",
+        lambda repo_id, folder_path, **_: uploaded.update(
+            p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*.safetensors")
+        ),
+    )
+    build_pipeline().save_pretrained(tmp_path / "p", max_shard_size="20KB", push_to_hub=True, repo_id="me/p")
+    local = {p.relative_to(tmp_path / "p").as_posix() for p in (tmp_path / "p").rglob("*.safetensors")}
+    assert uploaded == local and any("-of-" in name for name in local)
+    for bad in (dict(safe_serialization=False), dict(variant="")):
+        with pytest.raises(ValueError, match="safe_serialization|variant"):
+            build_pipeline().push_to_hub("me/q", **bad)
+    assert calls == ["me/p"]
 
 
 # ---------------------------------------------------------------- conversion script

@@ -43,6 +43,7 @@ LLAMAGEN_VQ_FILE = "vq_ds16_c2i.pt"
 # Keyword arguments of ``from_pretrained`` that say where and how to fetch files.
 HUB_ARGUMENTS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
 # Weights of each pipeline component as ``save_pretrained`` writes them.
+_VARIANT = re.compile(r"[A-Za-z0-9_-]+")
 COMPONENT_WEIGHTS = {"aim": "model.safetensors", "vqvae": "diffusion_pytorch_model.safetensors"}
 
 _VQ_PREFIX = "vqvae."
@@ -293,6 +294,15 @@ def check_pipeline_folder(
             configs["vqvae"]["num_vq_embeddings"],
             configs["aim"]["vocab_size"],
             f"{folder / 'vqvae' / 'config.json'} (num_vq_embeddings)",
+        )
+
+
+def check_variant(variant: str | None) -> None:
+    """A variant names files (``model.VARIANT.safetensors``): letters, digits, "_" and "-" only;
+    an empty one would name ``model..safetensors`` and stand for none in some places only."""
+    if variant is not None and not (isinstance(variant, str) and _VARIANT.fullmatch(variant)):
+        raise ValueError(
+            f"variant must be None or a name of letters, digits, '_' and '-' (e.g. 'fp16'), got {variant!r}"
         )
 
 

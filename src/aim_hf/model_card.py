@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_aim import PRESETS
+from .labels import IMAGENET_CLASSES
 
 if TYPE_CHECKING:
     from .pipeline_aim import AiMPipeline
@@ -65,7 +66,7 @@ def example_labels(pipeline: AiMPipeline) -> list[str | int]:
     names = pipeline.class_names
     if names is None:
         return [0]
-    if len(names) == 1000:
+    if names is IMAGENET_CLASSES:
         return ["golden retriever", "volcano"]
     first = names[0]
     return [first if isinstance(first, str) else first[0]]
@@ -75,7 +76,7 @@ def make_model_card(pipeline: AiMPipeline, repo_id: str) -> ModelCard:
     """The card of ``pipeline`` published as ``repo_id`` (a hub repo id or a local path)."""
     config = pipeline.aim.config
     preset = released_preset(pipeline)
-    imagenet = config.num_classes == 1000
+    imagenet = pipeline.class_names is IMAGENET_CLASSES  # not a model of 1000 classes of its own
     eval_results = None
     if preset is not None:
         eval_results = [

@@ -64,7 +64,8 @@ class AiMPipeline(DiffusionPipeline):
         the arguments are ``dtype`` (default float32), ``vqvae`` (a ``VQModel`` to use instead of
         the checkpoint's or LlamaGen's tokenizer), ``model_size`` ("B", "L" or "XL"; hp-l33/aim
         only, default the largest available) and ``cache_dir``, ``revision``, ``token``,
-        ``local_files_only``, ``force_download``.
+        ``local_files_only``, ``force_download``. Without ``dtype`` both components load in float32,
+        as diffusers' models do (transformers alone would take the dtype written in aim/config.json).
         """
         location = os.fspath(pretrained_model_name_or_path)
         hub_args = {k: kwargs[k] for k in hub.HUB_ARGUMENTS if kwargs.get(k) is not None}
@@ -76,10 +77,13 @@ class AiMPipeline(DiffusionPipeline):
                 f"model_size only applies to hp-l33/aim's release files; {location} is a pipeline"
             )
         variant = kwargs.get("variant")
+        hub.check_variant(variant)
         folder = location if source.is_local else cls.download(location, variant=variant, **hub_args)
         passed = tuple(name for name in hub.COMPONENT_WEIGHTS if name in kwargs)
         hub.check_pipeline_folder(folder, variant, skip=passed)
         rest = {k: v for k, v in kwargs.items() if k not in hub.HUB_ARGUMENTS}
+        if rest.get("dtype") is None and rest.get("torch_dtype") is None:
+            rest["dtype"] = torch.float32
         return super().from_pretrained(folder, **rest)
 
     @classmethod
@@ -117,8 +121,7 @@ class AiMPipeline(DiffusionPipeline):
         place, model_index.json last, so no file is ever half-written. ``repo_id`` names the repo
         in the card's usage snippet (default: ``save_directory``); with ``push_to_hub`` the
         pipeline is also uploaded there (``kwargs`` go to :meth:`push_to_hub`)."""
-        if not safe_serialization:
-            raise ValueError("AiMPipeline saves safetensors only; safe_serialization=False is not supported")
+        _check_save_args(safe_serialization, variant)
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
         for stale in target.glob(".saving-*"):  # staging left by a save that was killed
@@ -131,7 +134,7 @@ class AiMPipeline(DiffusionPipeline):
                 stale.unlink()
             _move_into(Path(staging), target, last="model_index.json")
         if push_to_hub:
-            self.push_to_hub(repo_id or target.name, variant=variant, **kwargs)
+            self.push_to_hub(repo_id or target.name, variant=variant, max_shard_size=max_shard_size, **kwargs)
 
     def push_to_hub(
         self,
@@ -142,13 +145,13 @@ class AiMPipeline(DiffusionPipeline):
         create_pr: bool = False,
         safe_serialization: bool = True,
         variant: str | None = None,
+        max_shard_size: int | str | None = None,
     ) -> str:
         """Upload the pipeline and its model card (usage snippet loading ``repo_id``) to the hub."""
+        _check_save_args(safe_serialization, variant)
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(
-                folder, safe_serialization=safe_serialization, variant=variant, repo_id=repo_id
-            )
+            self.save_pretrained(folder, variant=variant, max_shard_size=max_shard_size, repo_id=repo_id)
             return upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
@@ -275,6 +278,12 @@ class AiMPipeline(DiffusionPipeline):
         images = self.decode(codes, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def _check_save_args(safe_serialization: bool, variant: str | None) -> None:
+    if not safe_serialization:
+        raise ValueError("AiMPipeline saves safetensors only; safe_serialization=False is not supported")
+    hub.check_variant(variant)
 
 
 def _check_output_type(output_type: str) -> None:
