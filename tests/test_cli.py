@@ -87,6 +87,7 @@ def test_every_class_by_default_and_resize(tmp_path):
         (["--num-images", "two"], "--num-images: invalid positive_int value"),
         (["--guidance-scale", "-1"], "--guidance-scale: must be a finite number >= 0"),
         (["--guidance-scale", "nan"], "--guidance-scale: must be a finite number >= 0"),
+        (["--guidance-scale", "1e31"], "--guidance-scale: must be a finite number >= 0 (at most 1e+30"),
         (["--seed", "-1"], "--seed: must be an integer in [0, 2^63)"),
         (["--device", "nonsense"], "--device nonsense"),
         (["--resize", "0"], "--resize: must be a positive integer"),

@@ -12,7 +12,6 @@ dependencies.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import diffusers
@@ -22,6 +21,7 @@ from diffusers.utils import make_image_grid
 
 from .files import atomic_path
 from .pipeline_aim import AiMPipeline
+from .sampling import MAX_LOGIT_SCALE
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "aim-digits"
 # Without --class, models with at most this many classes draw every class.
@@ -44,8 +44,10 @@ def seed(text: str) -> int:
 
 def guidance_scale(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (1 disables guidance), got {text}")
+    if not 0 <= value <= MAX_LOGIT_SCALE:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= 0 (at most {MAX_LOGIT_SCALE:g}; 1 disables guidance), got {text}"
+        )
     return value
 
 

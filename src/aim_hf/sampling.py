@@ -11,25 +11,37 @@ import numbers
 
 import torch
 
+# Logits are guided and divided by the temperature in float32. While the guidance scale and the
+# factor max(guidance_scale, 1) / temperature stay within this bound they stay finite for any logit
+# a model gives (|logit| up to 1e8); past it they overflow, and every draw would take the last code.
+MAX_LOGIT_SCALE = 1e30
+
 
 def check_sampling_args(
     guidance_scale: float, temperature: float, top_k: int, top_p: float, vocab_size: int
 ) -> tuple[float, float, int, float]:
     """The settings as Python numbers (NumPy scalars are accepted); a ValueError names the first
     bad one and its allowed range."""
-    if (
-        not isinstance(guidance_scale, numbers.Real)
-        or not math.isfinite(guidance_scale)
-        or guidance_scale < 0
-    ):
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) or temperature <= 0:
+    if not _is_real(guidance_scale) or not 0 <= guidance_scale <= MAX_LOGIT_SCALE:
+        raise ValueError(
+            f"guidance_scale must be a finite number >= 0 (at most {MAX_LOGIT_SCALE:g}), got {guidance_scale!r}"
+        )
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if max(guidance_scale, 1.0) / temperature > MAX_LOGIT_SCALE:
+        raise ValueError(
+            f"temperature={temperature!r} with guidance_scale={guidance_scale!r} scales the logits by more "
+            f"than {MAX_LOGIT_SCALE:g}, past float32's range (top_k=1 draws the most likely code)"
+        )
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= vocab_size:
         raise ValueError(f"top_k must be an integer in [0, {vocab_size}] (0 disables it), got {top_k!r}")
-    if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+    if not _is_real(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
     return float(guidance_scale), float(temperature), int(top_k), float(top_p)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def guide(logits: torch.Tensor, guidance_scale: float) -> torch.Tensor:
