@@ -42,11 +42,35 @@ def test_preset_parameter_counts(name, millions):
             {"decode_cache": "attention"},
             r"decode_cache must be one of \('auto', 'recurrent', 'dual'\), got 'attention'",
         ),
+        ({"default_guidance_scale": -1.0}, r"default_guidance_scale must be a finite number >= 0 .*got -1.0"),
+        ({"default_guidance_scale": float("nan")}, "default_guidance_scale"),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**kwargs)
+
+
+def test_overrides_of_a_saved_config_are_checked(tmp_path):
+    """transformers sets from_pretrained's overrides after __init__: an int8 state was used (and
+    decoded other codes), class_dropout_prob=2 dropped every label, and save_pretrained wrote a
+    config that from_pretrained then refused."""
+    AiMForImageGeneration(tiny_config()).save_pretrained(tmp_path)
+    for override, match in [
+        ({"state_dtype": "int8"}, "state_dtype must be None or one of"),
+        ({"adaln_groups": 3}, "adaln_groups=3 must divide num_hidden_layers=4"),
+        ({"class_dropout_prob": 2.0}, "class_dropout_prob must be in"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            AiMConfig.from_pretrained(tmp_path, **override)
+        with pytest.raises(ValueError, match=match):
+            AiMForImageGeneration.from_pretrained(tmp_path, **override)
+    assert AiMConfig.from_pretrained(tmp_path, state_dtype="bfloat16").state_dtype == "bfloat16"
+    config = tiny_config()
+    config.state_dtype = "int8"
+    with pytest.raises(ValueError, match="state_dtype"):
+        config.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad" / "config.json").exists()
 
 
 def test_cache_forms_and_sizes():

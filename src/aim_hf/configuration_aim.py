@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .sampling import MAX_LOGIT_SCALE
+
 # Sizes of the released and paper models (SPEC §2). AiM-B used plain per-layer adaLN, which is
 # the grouped form with one group per layer.
 PRESETS: dict[str, dict] = {
@@ -131,7 +133,15 @@ class AiMConfig(PretrainedConfig):
         self.default_guidance_scale = default_guidance_scale
         self.initializer_range = initializer_range
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
-        self._check()
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """transformers sets ``from_pretrained``'s overrides (``state_dtype="int8"``) after
+        ``__init__``: they are checked here, as ``save_pretrained`` checks before it writes."""
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate()
+        return result
 
     @property
     def intermediate_size(self) -> int:
@@ -145,7 +155,8 @@ class AiMConfig(PretrainedConfig):
     def null_class(self) -> int:
         return self.num_classes
 
-    def _check(self) -> None:
+    def validate(self) -> None:
+        """A ValueError naming the first bad setting and what is allowed."""
         positive = (
             "vocab_size", "num_classes", "num_tokens", "hidden_size", "num_hidden_layers",
             "adaln_groups", "state_size", "expand", "head_dim", "n_groups", "conv_kernel", "chunk_size",
@@ -172,6 +183,16 @@ class AiMConfig(PretrainedConfig):
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(
                 f"AiMConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}"
+            )
+        guidance = self.default_guidance_scale
+        if (
+            isinstance(guidance, bool)
+            or not isinstance(guidance, int | float)
+            or not 0 <= guidance <= MAX_LOGIT_SCALE
+        ):
+            raise ValueError(
+                f"AiMConfig.default_guidance_scale must be a finite number >= 0 (at most {MAX_LOGIT_SCALE:g}), "
+                f"got {guidance!r}"
             )
         if self.decode_cache not in DECODE_CACHES:
             raise ValueError(
