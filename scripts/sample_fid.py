@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("num_images", "batch_size", "metrics_batch_size", "png_workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        p.error(f"--output {args.output} is a file; it names the folder of PNGs (OUTPUT.npz goes beside it)")
     if args.reference is not None and args.inception_weights is None:
         p.error("--reference needs --inception-weights (a local Inception file: metrics never download one)")
     for name in ("inception_weights", "reference"):
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
 
-    folder = Path(args.output)
+    folder = Path(os.path.abspath(args.output))  # "." has no name to put .npz after
     npz = folder.with_name(folder.name + ".npz")
     settings = {
         "model": str(Path(args.model).resolve()),

@@ -22,13 +22,9 @@ import datasets
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from aim_hf import PRESETS, AiMConfig, AiMForImageGeneration
-from aim_hf.data import (
-    CodesCollator,
-    check_codes_dataset,
-    num_classes_of,
-    require_column,
-)
+from aim_hf.data import CodesCollator, check_codes_columns, check_codes_dataset, num_classes_of
 from aim_hf.files import remove_temporaries
+from aim_hf.labels import IMAGENET_CLASSES
 from aim_hf.training import AiMTrainer, last_complete_checkpoint, load_aim, resize_class_embedding
 
 AIM_DEFAULTS = {
@@ -112,11 +108,14 @@ def build_model(script: ScriptArguments, train: datasets.Dataset) -> AiMForImage
 
 def name_classes(config: AiMConfig, feature: object) -> None:
     """The dataset's class names into the config (``id2label``), so that the pipeline and
-    aim-generate take them. Not ImageNet's WordNet ids (n01440764, ... from a folder of the
-    training set): for 1000 classes the pipeline knows ImageNet's readable names in that order."""
+    aim-generate take them. Not all 1000 of ImageNet's WordNet ids (n01440764, ... from a folder of
+    the training set): for 1000 classes the pipeline knows ImageNet's readable names in that order.
+    A subset keeps its WordNet ids as names."""
     if not isinstance(feature, datasets.ClassLabel) or feature.num_classes != config.num_classes:
         return
-    if all(re.fullmatch(r"n\d{8}", name) for name in feature.names):
+    if feature.num_classes == len(IMAGENET_CLASSES) and all(
+        re.fullmatch(r"n\d{8}", n) for n in feature.names
+    ):
         return
     config.id2label = dict(enumerate(feature.names))
     config.label2id = {name: i for i, name in enumerate(feature.names)}
@@ -126,8 +125,7 @@ def load_codes(path: str, script: ScriptArguments) -> datasets.Dataset:
     dataset = datasets.load_from_disk(path)
     if isinstance(dataset, datasets.DatasetDict):
         raise ValueError(f"{path} holds splits {sorted(dataset)}; pass the folder of one split")
-    require_column(dataset, script.codes_column, "codes", "--codes_column")
-    require_column(dataset, script.label_column, "label", "--label_column")
+    check_codes_columns(dataset, script.codes_column, script.label_column)  # before a model is built from it
     return dataset
 
 

@@ -202,6 +202,40 @@ def test_check_codes_dataset_rejects_each_kind_of_bad_row():
         check_codes_dataset(ragged, num_tokens=4, vocab_size=4, num_classes=5)
 
 
+@pytest.mark.parametrize(
+    "codes,labels,codes_type,match",
+    [
+        (
+            [[0, 1, 2, 3], None],
+            [0, 1],
+            datasets.List(datasets.Value("int16")),
+            "codes column 'codes' holds 1 missing",
+        ),
+        ([[0, 1, 2, 3], [0, None, 2, 3]], [0, 1], datasets.List(datasets.Value("int16")), "holds 1 missing"),
+        (
+            [[0, 1, 2, 3], [3, 2, 1, 0]],
+            [0, None],
+            datasets.List(datasets.Value("int16")),
+            "label column 'label' holds 1",
+        ),
+        (
+            [[0.9, 1, 2, 3], [3, 2, 1, 0]],
+            [0, 1],
+            datasets.List(datasets.Value("float64")),
+            "allowed: a list of integers",
+        ),
+        ([1, 2], [0, 1], datasets.Value("int64"), "codes column 'codes' has type Value"),
+    ],
+)
+def test_check_codes_dataset_rejects_nulls_and_non_integer_codes(codes, labels, codes_type, match):
+    """Arrow's min/max skip nulls, and float codes passed the range check: nulls then failed in
+    the collator after training had started, floats were truncated (10.9 -> 10) silently."""
+    features = datasets.Features({"codes": codes_type, "label": datasets.Value("int64")})
+    dataset = datasets.Dataset.from_dict({"codes": codes, "label": labels}, features=features)
+    with pytest.raises(ValueError, match=match):
+        check_codes_dataset(dataset, num_tokens=4, vocab_size=4, num_classes=5)
+
+
 def test_checks_see_only_the_rows_left_by_select_and_filter():
     """select/filter/shuffle keep the whole Arrow table under an index mapping: the checks read the rows."""
     mixed = codes_dataset([[0, 1, 2, 3], [9, 9, 9], [3, 2, 1, 0]], [0, 7, 1])

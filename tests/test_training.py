@@ -122,9 +122,13 @@ def test_class_names_of_the_dataset_go_into_the_config(workdir, tmp_path):
     train_script.main(args)
     config = AiMForImageGeneration.from_pretrained(tmp_path / "out" / "model").config
     assert config.id2label == {0: "red", 1: "green", 2: "blue"} and config.label2id["blue"] == 2
-    wordnet = AiMConfig(num_classes=2)
-    train_script.name_classes(wordnet, datasets.ClassLabel(names=["n01440764", "n01443537"]))
-    assert wordnet.id2label == {0: "LABEL_0", 1: "LABEL_1"}  # left to the pipeline's ImageNet names
+    wordnet = [f"n{i:08d}" for i in range(1000)]
+    imagenet = AiMConfig(num_classes=1000)
+    train_script.name_classes(imagenet, datasets.ClassLabel(names=wordnet))
+    assert imagenet.id2label == AiMConfig(num_classes=1000).id2label  # left to the pipeline's ImageNet names
+    subset = AiMConfig(num_classes=2)  # a subset has no readable names but its ids (it had none)
+    train_script.name_classes(subset, datasets.ClassLabel(names=["n01440764", "n01443537"]))
+    assert subset.id2label == {0: "n01440764", 1: "n01443537"}
 
 
 def test_resize_class_embedding_shrinks_and_keeps_the_null_row():
@@ -183,6 +187,13 @@ def test_train_rejects_bad_input_before_training(workdir, tmp_path):
         train_script.main(train_args(workdir, output, "--init_from", str(tmp_path / "nowhere")))
     with pytest.raises(ValueError, match="--remove_unused_columns must stay False"):
         train_script.main(train_args(workdir, output, "--remove_unused_columns", "true"))
+    codes = datasets.load_from_disk(str(workdir / "codes"))
+    names = codes.cast_column("label", datasets.Value("string")).map(
+        lambda row: {"label": "x" + row["label"]}
+    )
+    names.save_to_disk(str(tmp_path / "names"))  # a model is built from it only once it is checked
+    with pytest.raises(ValueError, match="label column 'label' has type Value.*allowed: ClassLabel"):
+        train_script.main(train_args(workdir, output, "--dataset", str(tmp_path / "names")))
     assert not output.exists()
 
 
@@ -272,11 +283,16 @@ def test_a_failed_png_write_stops_sampling(workdir, trained, tmp_path, monkeypat
     assert not (tmp_path / "s" / "000002.png").exists() and not (tmp_path / "s.npz").exists()
 
 
-def test_sample_fid_rejects_bad_arguments_before_sampling(workdir, tmp_path):
+def test_sample_fid_rejects_bad_arguments_before_sampling(workdir, trained, tmp_path):
     with pytest.raises(SystemExit):
         sample_script.main(sample_args(workdir, "--num-images", "0"))
     with pytest.raises(SystemExit):
         sample_script.main(sample_args(workdir, "--png-workers", "0"))
+    (tmp_path / "s.npz").write_bytes(b"an earlier run's arrays")
+    with pytest.raises(SystemExit):  # it was a FileExistsError from mkdir, after loading the model
+        sample_script.main(sample_args(workdir, "--output", str(tmp_path / "s.npz")))
+    assert (tmp_path / "s.npz").read_bytes() == b"an earlier run's arrays"
+    (tmp_path / "s.npz").unlink()
     with pytest.raises(SystemExit):
         sample_script.main(sample_args(workdir, "--reference", str(tmp_path)))  # no --inception-weights
     with pytest.raises(ValueError, match="top_p must be in"):

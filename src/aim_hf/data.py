@@ -28,6 +28,7 @@ __all__ = [
     "AUGMENTATIONS",
     "CodesCollator",
     "center_crop",
+    "check_codes_columns",
     "check_codes_dataset",
     "check_image_dataset",
     "image_views",
@@ -141,6 +142,35 @@ def num_classes_of(dataset: datasets.Dataset, label_column: str = "label") -> in
     return int(pc.max(_column(dataset, label_column)).as_py()) + 1
 
 
+def check_codes_columns(
+    dataset: datasets.Dataset, codes_column: str = "codes", label_column: str = "label"
+) -> None:
+    """Raise a ValueError unless the dataset has rows, a column of integer lists (the codes) and an
+    integer label column, none of them with missing values: what a model can be built from."""
+    require_column(dataset, codes_column, "codes", "--codes_column")
+    require_column(dataset, label_column, "label", "--label_column")
+    if len(dataset) == 0:
+        raise ValueError("the codes dataset has no rows")
+    _check_label_feature(dataset, label_column)
+    codes = _column(dataset, codes_column)
+    lists = (
+        pa.types.is_list(codes.type)
+        or pa.types.is_large_list(codes.type)
+        or pa.types.is_fixed_size_list(codes.type)
+    )
+    if not (lists and pa.types.is_integer(codes.type.value_type)):
+        raise ValueError(
+            f"codes column {codes_column!r} has type {dataset.features[codes_column]}; allowed: a list of "
+            "integers per row (float codes would be truncated)"
+        )
+    for name, column in ((codes_column, codes), (codes_column, pc.list_flatten(codes))):
+        if column.null_count:
+            raise ValueError(f"codes column {name!r} holds {column.null_count} missing values (null)")
+    labels = _column(dataset, label_column)
+    if labels.null_count:
+        raise ValueError(f"label column {label_column!r} holds {labels.null_count} missing values (null)")
+
+
 def check_codes_dataset(
     dataset: datasets.Dataset,
     num_tokens: int,
@@ -151,11 +181,7 @@ def check_codes_dataset(
 ) -> None:
     """Raise a ValueError unless every row holds ``num_tokens`` codes in [0, vocab_size) and a label
     in [0, num_classes); checked on the Arrow columns, so it takes seconds even for ImageNet."""
-    require_column(dataset, codes_column, "codes", "--codes_column")
-    require_column(dataset, label_column, "label", "--label_column")
-    if len(dataset) == 0:
-        raise ValueError("the codes dataset has no rows")
-    _check_label_feature(dataset, label_column)
+    check_codes_columns(dataset, codes_column, label_column)
     codes = _column(dataset, codes_column)
     lengths = pc.min_max(pc.list_value_length(codes)).as_py()
     if lengths["min"] != num_tokens or lengths["max"] != num_tokens:
