@@ -233,8 +233,16 @@ def test_chunked_batches_give_the_same_codes(tiny_model):
         labels, guidance_scale=1.5, generator=torch.Generator().manual_seed(3), max_batch_size=2
     )
     assert torch.equal(whole, chunked)
+    numpy_int = tiny_model.generate(
+        labels, guidance_scale=1.5, generator=torch.Generator().manual_seed(3), max_batch_size=np.int64(2)
+    )
+    assert torch.equal(numpy_int, whole)
     with pytest.raises(ValueError, match="max_batch_size must be a positive integer, got 0"):
         tiny_model.generate(labels, max_batch_size=0)
+    with pytest.raises(ValueError, match="max_batch_size must be a positive integer, got 0"):
+        tiny_model.generate(
+            [0], prefix=torch.zeros(1, 16, dtype=torch.long), max_batch_size=0
+        )  # nothing to draw
 
 
 def test_prefix_completion(tiny_model):

@@ -290,8 +290,42 @@ def test_gradient_checkpointing_same_gradients(groups):
             "1 class labels for a batch of 2",
         ),
         (lambda m: m(torch.zeros(0, 4, dtype=torch.long), torch.tensor([])), "empty batch"),
+        (lambda m: m(torch.zeros(2, 0, dtype=torch.long), torch.tensor([0, 1])), "input_ids holds no codes"),
+        (lambda m: m(torch.zeros(2, 4, dtype=torch.bool), torch.tensor([0, 1])), "integer tensor"),
+        (
+            lambda m: m(torch.zeros(2, 4, dtype=torch.long), torch.tensor([0, 1]), labels=torch.zeros(2, 3)),
+            r"labels must be an integer tensor shaped like input_ids \(2, 4\), got \(2, 3\)",
+        ),
+        (
+            lambda m: m(torch.zeros(2, 4, dtype=torch.long), torch.tensor([0, 1]), labels=torch.zeros(2, 4)),
+            "labels must be an integer tensor",
+        ),
+        (
+            lambda m: m(
+                torch.zeros(2, 4, dtype=torch.long), torch.tensor([0, 1]), labels=torch.full((2, 4), 37)
+            ),
+            r"labels hold 37, outside the codebook \[0, 37\) \(and not -100",
+        ),
     ],
 )
 def test_forward_bad_input(tiny_model, call, match):
     with pytest.raises(ValueError, match=match):
         call(tiny_model)
+
+
+def test_forward_takes_any_integer_codes_and_ignores_minus_100(tiny_model):
+    """int16/int32 codes (a datasets column's type) gave errors from the embedding and the loss;
+    targets of -100 are skipped by the loss, as in transformers' language models."""
+    codes = torch.randint(0, 37, (3, 16))
+    labels = torch.tensor([0, 1, 4])
+    reference = tiny_model(codes, labels, labels=codes)
+    for dtype in (torch.int16, torch.int32):
+        out = tiny_model(codes.to(dtype), labels, labels=codes.to(dtype))
+        assert torch.equal(out.logits, reference.logits) and torch.equal(out.loss, reference.loss)
+    targets = codes.clone()
+    targets[:, 8:] = -100
+    loss = tiny_model(codes, labels, labels=targets).loss
+    expected = torch.nn.functional.cross_entropy(
+        reference.logits[:, :8].flatten(0, 1), codes[:, :8].flatten()
+    )
+    assert torch.allclose(loss, expected)

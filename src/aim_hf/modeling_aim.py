@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +51,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 DUAL_FROM_ROWS = 64  # see AiMForImageGeneration.cache_form
+IGNORE_INDEX = -100  # a target the loss skips, as in transformers' language models
+
+
+def _integer_tensor(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and value.dtype != torch.bool
 
 
 class AiMCache:
@@ -359,6 +365,11 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         In training, each label is replaced by the null class with probability
         ``config.class_dropout_prob``, which teaches the unconditional model used for guidance."""
         self.check_codes(input_ids, "input_ids", max_length=self.config.num_tokens)
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids holds no codes; teacher forcing predicts at least one")
+        if labels is not None:
+            self.check_targets(labels, input_ids.shape)
+        input_ids = input_ids.long()
         class_labels = self.check_labels(class_labels, input_ids.shape[0]).to(input_ids.device)
         if self.training and self.config.class_dropout_prob > 0:
             drop = torch.rand(class_labels.shape, device=class_labels.device) < self.config.class_dropout_prob
@@ -368,7 +379,9 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits.to(compute_dtype(logits.dtype)).flatten(0, 1), labels.flatten().to(logits.device)
+                logits.to(compute_dtype(logits.dtype)).flatten(0, 1),
+                labels.flatten().to(logits.device, torch.long),
+                ignore_index=IGNORE_INDEX,
             )
         if return_dict is False:
             return (loss, logits) if loss is not None else (logits,)
@@ -376,7 +389,7 @@ class AiMForImageGeneration(AiMPreTrainedModel):
 
     # ---- input checks ----
     def check_codes(self, codes: torch.Tensor, name: str, max_length: int) -> None:
-        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype.is_floating_point:
+        if not _integer_tensor(codes) or codes.dim() != 2:
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise ValueError(f"{name} must be an integer tensor of shape (batch, length), got {shape}")
         if codes.shape[0] == 0:
@@ -386,6 +399,20 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.config.vocab_size):
             bad = codes[(codes < 0) | (codes >= self.config.vocab_size)][0].item()
             raise ValueError(f"{name} holds code {bad}, outside the codebook [0, {self.config.vocab_size})")
+
+    def check_targets(self, labels: torch.Tensor, shape: torch.Size) -> None:
+        """The loss's targets: codes shaped like ``input_ids``, or IGNORE_INDEX where none counts."""
+        if not _integer_tensor(labels) or labels.shape != shape:
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(
+                f"labels must be an integer tensor shaped like input_ids {tuple(shape)}, got {got}"
+            )
+        bad = labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))]
+        if bad.numel():
+            raise ValueError(
+                f"labels hold {bad[0].item()}, outside the codebook [0, {self.config.vocab_size}) "
+                f"(and not {IGNORE_INDEX}, which the loss ignores)"
+            )
 
     def check_labels(
         self, class_labels: int | Sequence[int] | torch.Tensor, batch_size: int | None = None
@@ -456,13 +483,18 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         prefix = prefix.to(device=device, dtype=torch.long)
         start = prefix.shape[1]
         uniforms = draw_uniforms(generator, batch, config.num_tokens - start, device)
+        if max_batch_size is not None and (
+            isinstance(max_batch_size, bool)
+            or not isinstance(max_batch_size, numbers.Integral)
+            or max_batch_size < 1
+        ):
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         if start == config.num_tokens:
             return prefix
         guided = guidance_scale != 1.0
         if max_batch_size is None:
             max_batch_size = self.max_batch_size_for(guided) if device.type == "cuda" else batch
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        max_batch_size = int(max_batch_size)
         settings = (guidance_scale, temperature, top_k, top_p)
         chunks = [
             self._sample(labels[i : i + max_batch_size], prefix[i : i + max_batch_size],
