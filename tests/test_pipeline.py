@@ -154,17 +154,25 @@ def test_models_without_class_names_take_ids(pipe):
     placeholders.aim.config.id2label = {i: f"LABEL_{i}" for i in range(5)}  # transformers' defaults
     assert placeholders.class_names is None
     assert pipe.get_label_ids([0, "3", torch.tensor(4)]) == [0, 3, 4]
-    with pytest.raises(ValueError, match=r"'cat'.*no class names: num_classes=5"):
+    with pytest.raises(
+        ValueError, match=r"'cat' \(classes: 0, 1, 2, 3, 4\); this model has no class names \(num_classes=5"
+    ):
         pipe.get_label_ids(["cat"])
-    with pytest.raises(ValueError, match=r"class id 5 is out of range \[0, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"^class id 5 is out of range \[0, 5\)$"
+    ):  # an id: no advice to pass ids
         pipe.get_label_ids(5)
+    with pytest.raises(ValueError, match=r"class labels must be names or ids, got b'\\x03'"):
+        pipe.get_label_ids(b"\x03")  # bytes iterated as byte values: label 3
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(output_type="latent"), r"output_type must be one of \['pil', 'np', 'pt'\], got 'latent'"),
-        (dict(num_images_per_label=0), "num_images_per_label must be >= 1, got 0"),
+        (dict(num_images_per_label=0), "num_images_per_label must be an integer >= 1, got 0"),
+        (dict(generator=0), "generator must be a torch.Generator or a list of them, one per image; got int"),
+        (dict(generator=[seeded(0), None]), "generator must be a torch.Generator .*got NoneType"),
         (dict(num_images_per_label=1.5), "num_images_per_label must be an integer >= 1, got 1.5"),
         (
             dict(num_images_per_label=2, generator=[seeded(0)] * 3),
@@ -176,6 +184,21 @@ def test_models_without_class_names_take_ids(pipe):
 def test_bad_call_arguments(pipe, kwargs, match):
     with pytest.raises(ValueError, match=match):
         pipe([0, 1], **kwargs)
+
+
+def test_numpy_counts_and_missing_components(pipe):
+    """num_images_per_label takes NumPy integers as the other settings do; a component left out
+    (diffusers' component=None) or a non-tensor to decode is a clear error, not an AttributeError."""
+    assert torch.equal(
+        pipe.generate_codes([0], num_images_per_label=np.int64(2), generator=seeded(1)),
+        pipe.generate_codes([0], num_images_per_label=2, generator=seeded(1)),
+    )
+    with pytest.raises(ValueError, match="vqvae must be of type VQModel, got NoneType"):
+        AiMPipeline(aim=pipe.aim, vqvae=None)
+    with pytest.raises(ValueError, match="aim must be of type AiMForImageGeneration, got VQModel"):
+        AiMPipeline(aim=pipe.vqvae, vqvae=pipe.vqvae)
+    with pytest.raises(ValueError, match="codes must be a tensor of VQ codes"):
+        pipe.decode(np.zeros((1, 16), np.int64))
 
 
 def test_tokenizer_must_fit_the_model():

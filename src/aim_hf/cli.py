@@ -117,10 +117,7 @@ def class_labels(values: list[str] | None, pipe: AiMPipeline, parser: argparse.A
     try:
         return pipe.get_label_ids(labels)
     except ValueError as err:
-        names = pipe.class_names
-        listed = names is not None and num_classes <= MAX_DEFAULT_CLASSES
-        known = f" (classes: {', '.join(n if isinstance(n, str) else n[0] for n in names)})" if listed else ""
-        parser.error(f"--class: {err}{known}")
+        parser.error(f"--class: {err}")
 
 
 def main(argv: list[str] | None = None) -> None:

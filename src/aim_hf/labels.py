@@ -25,6 +25,8 @@ def load_imagenet_classes() -> list[list[str]]:
 
 
 IMAGENET_CLASSES: list[list[str]] = load_imagenet_classes()
+# An unknown name with no close match lists the classes when there are at most this many.
+LISTED_CLASSES = 16
 
 
 def _lookup(names: Sequence[Sequence[str] | str]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
@@ -63,12 +65,14 @@ def _name_to_id(
     if key.isdigit():  # e.g. "207" from a command line
         return _check_id(int(key), len(names))
     close = difflib.get_close_matches(key, list(every), n=5, cutoff=0.6)
-    hint = (
-        "; close matches: "
-        + ", ".join(f"{c!r} -> {', '.join(_describe(i, names) for i in every[c])}" for c in close)
-        if close
-        else ""
-    )
+    if close:
+        hint = "; close matches: " + ", ".join(
+            f"{c!r} -> {', '.join(_describe(i, names) for i in every[c])}" for c in close
+        )
+    elif len(names) <= LISTED_CLASSES:
+        hint = f" (classes: {', '.join(n if isinstance(n, str) else n[0] for n in names)})"
+    else:
+        hint = ""
     raise ValueError(f"unknown class name {label!r}{hint}")
 
 
@@ -89,7 +93,7 @@ def get_label_ids(
     ValueError listing close matches, ambiguous ones the classes they could mean.
     """
     names = IMAGENET_CLASSES if names is None else names
-    if isinstance(labels, str) or isinstance(labels, bool):
+    if isinstance(labels, str | bool | bytes | bytearray):  # bytes would iterate as byte values
         items = [labels]
     else:
         try:  # one id: int, numpy integer or integer scalar tensor

@@ -8,6 +8,7 @@ reads the original AiM checkpoints (see :mod:`aim_hf.hub`), converting them in m
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import shutil
@@ -44,6 +45,9 @@ class AiMPipeline(DiffusionPipeline):
 
     def __init__(self, aim: AiMForImageGeneration, vqvae: VQModel):
         super().__init__()
+        for name, value, kind in (("aim", aim, AiMForImageGeneration), ("vqvae", vqvae, VQModel)):
+            if not isinstance(value, kind):  # also None: the pipeline needs both
+                raise ValueError(f"{name} must be of type {kind.__name__}, got {type(value).__name__}")
         hub.check_codebook(vqvae.config.num_vq_embeddings, aim.config.vocab_size, "vqvae")
         side = math.isqrt(aim.config.num_tokens)
         if side * side != aim.config.num_tokens:
@@ -180,16 +184,16 @@ class AiMPipeline(DiffusionPipeline):
         Unknown names raise a ValueError listing close matches."""
         if isinstance(labels, torch.Tensor):
             labels = labels.tolist()
-        names = self.class_names
-        if names is not None:
-            return get_label_ids(labels, names)
         num_classes = self.aim.config.num_classes
+        names = self.class_names
         try:
-            return get_label_ids(labels, [str(i) for i in range(num_classes)])
+            return get_label_ids(labels, names or [str(i) for i in range(num_classes)])
         except ValueError as err:
+            if names is not None or "class name" not in str(err):
+                raise
             raise ValueError(
-                f"{err} (this model has no class names: num_classes={num_classes} and no id2label in "
-                "its config; pass class ids)"
+                f"{err}; this model has no class names (num_classes={num_classes} and no id2label in "
+                "its config): pass class ids"
             ) from None
 
     # ---- generation ----
@@ -206,10 +210,13 @@ class AiMPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """The VQ codes (num_images, num_tokens) of the images ``__call__`` would return; the images
         of one label are next to each other. Shows the progress bar over the decoding steps."""
-        if isinstance(num_images_per_label, bool) or not isinstance(num_images_per_label, int):
+        if (
+            isinstance(num_images_per_label, bool)
+            or not isinstance(num_images_per_label, numbers.Integral)
+            or num_images_per_label < 1
+        ):
             raise ValueError(f"num_images_per_label must be an integer >= 1, got {num_images_per_label!r}")
-        if num_images_per_label < 1:
-            raise ValueError(f"num_images_per_label must be >= 1, got {num_images_per_label}")
+        num_images_per_label = int(num_images_per_label)
         ids = self.get_label_ids(class_labels)
         labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_label)
         if isinstance(generator, (list, tuple)) and len(generator) != len(labels):
@@ -236,6 +243,10 @@ class AiMPipeline(DiffusionPipeline):
         images ("pil"), a float array (N, H, W, 3) ("np") or a float tensor (N, 3, H, W) ("pt").
         On a GPU the codes are decoded in chunks that fit its free memory (``decode_codes``)."""
         _check_output_type(output_type)
+        if not isinstance(codes, torch.Tensor):
+            raise ValueError(
+                f"codes must be a tensor of VQ codes (num_images, num_tokens), got {type(codes).__name__}"
+            )
         # an offloaded tokenizer (enable_model_cpu_offload) waits on the CPU until decode moves it
         device = self._execution_device if hasattr(self.vqvae, "_hf_hook") else self.vqvae.device
         images = decode_codes(self.vqvae, codes, device)

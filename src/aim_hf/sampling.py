@@ -97,9 +97,20 @@ def draw_uniforms(
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch_size:
             raise ValueError(f"got a list of {len(generator)} generators for a batch of {batch_size} images")
+        _check_generators(generator)
         rows = [torch.rand(steps, generator=g, device=g.device, dtype=torch.float64) for g in generator]
         return torch.stack(rows).to(device)
+    if generator is not None:
+        _check_generators([generator])
     gen_device = generator.device if generator is not None else device
     return torch.rand(batch_size, steps, generator=generator, device=gen_device, dtype=torch.float64).to(
         device
     )
+
+
+def _check_generators(generators: list) -> None:
+    for g in generators:
+        if not isinstance(g, torch.Generator):
+            raise ValueError(
+                f"generator must be a torch.Generator or a list of them, one per image; got {type(g).__name__}"
+            )
