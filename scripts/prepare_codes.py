@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.max_shards is not None and args.max_shards < 1:
         p.error(f"--max-shards must be a positive integer, got {args.max_shards}")
-    if not args.crop_range >= 1.0:
-        p.error(f"--crop-range must be >= 1, got {args.crop_range}")
+    if not 1.0 <= args.crop_range < math.inf:
+        p.error(f"--crop-range must be a finite number >= 1, got {args.crop_range}")
     return args
 
 

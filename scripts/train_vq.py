@@ -78,6 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="folder for VQModel.save_pretrained")
     parser.add_argument("--preview", help="PNG of the first 20 images, each over its reconstruction")
     args = parser.parse_args(argv)
+    for name in ("resolution", "codebook_size", "embed_dim", "steps", "batch_size", "log_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.restart_every < 0:
+        parser.error(f"--restart-every must be >= 0 (0 disables restarts), got {args.restart_every}")
+    if not 0 < args.lr < math.inf:
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.preview is not None and not Path(args.preview).resolve().parent.is_dir():
+        parser.error(f"--preview {args.preview}: its folder does not exist")
     if any(c % NORM_GROUPS for c in args.block_out_channels):
         parser.error(f"--block-out-channels must be multiples of {NORM_GROUPS}")
     if args.resolution % 2 ** (len(args.block_out_channels) - 1):

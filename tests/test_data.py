@@ -343,6 +343,8 @@ def test_prepare_codes_rejects_bad_input_before_work(tmp_path, vq_dir, images_di
         prepare.main(prepare_args(images_dir, tmp_path / "nothing", output))
     with pytest.raises(SystemExit):
         prepare.main(prepare_args(images_dir, vq_dir, output, "--shard-size", "0"))
+    with pytest.raises(SystemExit):  # it overflowed in the first shard, after writing the plan
+        prepare.main(prepare_args(images_dir, vq_dir, output, "--crop-range", "inf"))
     assert list(tmp_path.iterdir()) == []
 
 

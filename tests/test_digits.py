@@ -128,6 +128,26 @@ def test_train_vq_reduced_run(tmp_path):
     assert not (tmp_path / "vq2").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "-5"], "--steps must be a positive integer, got -5"),  # saved an untrained tokenizer
+        (["--restart-every", "-1"], "--restart-every must be >= 0"),  # restarted codes at every step
+        (["--resolution", "0"], "--resolution must be a positive integer, got 0"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (["--codebook-size", "0"], "--codebook-size must be a positive integer, got 0"),
+        (["--lr", "nan"], "--lr must be a finite number > 0"),
+        (["--preview", "{tmp}/missing/p.png"], "its folder does not exist"),  # failed after training
+    ],
+)
+def test_train_vq_rejects_bad_arguments_before_work(tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("train_vq").main(["--digits", "--output", str(tmp_path / "vq"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "vq").exists()
+
+
 def tiny_digits_pipeline() -> AiMPipeline:
     """Random AiM over a random two-level VQ: 4x4 codes, 8x8 images, 10 classes."""
     torch.manual_seed(0)
