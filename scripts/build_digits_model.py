@@ -135,7 +135,9 @@ def write_model_card(
 ) -> None:
     """The pipeline's usual card, with how this model was made and how well it draws digits
     before the citation."""
-    card = make_model_card(pipe, repo_id=os.path.relpath(output, ROOT))
+    # the package's own copy: the snippet names the installed package's folder, wherever it runs
+    constant = "aim_hf.cli.DEFAULT_MODEL" if output == cli.DEFAULT_MODEL.resolve() else None
+    card = make_model_card(pipe, repo_id=os.path.relpath(output, ROOT), constant=constant)
     rows = "\n".join(
         f"| {name} | {row['samples']} | {row['class_consistency']:.3f} | {row['frechet_distance']:.2f} |"
         for name, row in results["rows"].items()

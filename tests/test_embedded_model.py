@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import re
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from test_digits import load_script
 
 from aim_hf import AiMPipeline
 from aim_hf.cli import DEFAULT_MODEL
+from aim_hf.model_card import make_model_card
 
 PACKAGE = DEFAULT_MODEL.parents[1]  # src/aim_hf
 SETUP_CFG = PACKAGE.parents[1] / "setup.cfg"
@@ -59,6 +61,19 @@ def test_digit_names_and_guidance():
     assert pipe.vqvae.config.num_vq_embeddings == 128
     assert 1.0 <= config.default_guidance_scale <= 5.0
     assert str(config.default_guidance_scale) in (DEFAULT_MODEL / "README.md").read_text()
+
+
+def test_card_snippet_runs_anywhere_and_is_the_scripts(tmp_path, monkeypatch):
+    """The shipped card's usage snippet loads the installed package's copy (it named the path
+    inside a source checkout), and it is what build_digits_model.py's card call writes."""
+    card = (DEFAULT_MODEL / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    pipe = AiMPipeline.from_pretrained(DEFAULT_MODEL)
+    written = make_model_card(pipe, "elsewhere", constant="aim_hf.cli.DEFAULT_MODEL").text
+    assert f"```python\n{snippet}```" in written
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {})
+    assert (tmp_path / "aim.png").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -72,8 +72,10 @@ def example_labels(pipeline: AiMPipeline) -> list[str | int]:
     return [first if isinstance(first, str) else first[0]]
 
 
-def make_model_card(pipeline: AiMPipeline, repo_id: str) -> ModelCard:
-    """The card of ``pipeline`` published as ``repo_id`` (a hub repo id or a local path)."""
+def make_model_card(pipeline: AiMPipeline, repo_id: str, constant: str | None = None) -> ModelCard:
+    """The card of ``pipeline`` published as ``repo_id`` (a hub repo id or a local path); the
+    usage snippet loads from ``constant`` instead where given, a module's constant naming the
+    folder (``"aim_hf.cli.DEFAULT_MODEL"``) for a pipeline shipped inside a package."""
     config = pipeline.aim.config
     preset = released_preset(pipeline)
     imagenet = pipeline.class_names is IMAGENET_CLASSES  # not a model of 1000 classes of its own
@@ -115,7 +117,7 @@ def make_model_card(pipeline: AiMPipeline, repo_id: str) -> ModelCard:
         f"into {image_size}x{image_size} images. Classifier-free guidance defaults to "
         f"{config.default_guidance_scale}.",
         "## Usage",
-        _snippet(repo_id, example_labels(pipeline)),
+        _snippet(repo_id, example_labels(pipeline), constant),
         'Class labels are ids or class names; `output_type` is `"pil"`, `"np"` or `"pt"`; '
         "`generator` may be one `torch.Generator` per image.",
     ]
@@ -133,13 +135,17 @@ def make_model_card(pipeline: AiMPipeline, repo_id: str) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
 
 
-def _snippet(repo_id: str, labels: list[str | int]) -> str:
+def _snippet(repo_id: str, labels: list[str | int], constant: str | None) -> str:
     """Python that loads and runs the pipeline, quoted as ruff/black would (JSON strings are Python)."""
+    source, imports = json.dumps(repo_id, ensure_ascii=False), ""
+    if constant is not None:
+        module, source = constant.rsplit(".", 1)
+        imports = f"from {module} import {source}\n"
     return (
         "```python\n"
         "import torch\n"
-        "from aim_hf import AiMPipeline\n\n"
-        f"pipe = AiMPipeline.from_pretrained({json.dumps(repo_id, ensure_ascii=False)})\n"
+        f"from aim_hf import AiMPipeline\n{imports}\n"
+        f"pipe = AiMPipeline.from_pretrained({source})\n"
         f"images = pipe({json.dumps(labels, ensure_ascii=False)}, generator=torch.Generator().manual_seed(0)).images\n"
         'images[0].save("aim.png")\n'
         "```"
