@@ -8,7 +8,7 @@ import torch
 from reference_aim import random_original_state_dict, ref_config, reference_forward_logits
 from safetensors.torch import save_file
 
-from aim_hf.conversion import load_original
+from aim_hf.conversion import load_original, regroup_adaln
 
 # float64 on both sides; the paths differ only in summation order (chunked scan vs loop), so the
 # relative error is a few ulps times the depth, far below 1e-10; real mistakes are >= 1e-3.
@@ -71,6 +71,33 @@ def test_pickle_release_file(tmp_path):
     check_same_logits(model, {k: v.double() for k, v in half.items()}, cfg)
 
 
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_half_precision_tables_fold_exactly(stored):
+    """One adaLN group per layer with tables: each table is folded into its group's bias. Summed in
+    the stored half precision it was off by 2e-3 (bf16) against the float64 reference of the same
+    stored weights; regrouping to one group per layer likewise."""
+    cfg = ref_config(adaln_group=True, num_groups=4)
+    sd = {k: v.to(stored) for k, v in random_original_state_dict(cfg, seed=3).items()}
+    wide = {k: v.double() for k, v in sd.items()}
+    check_same_logits(load_original(sd, dtype=torch.float64), wide, cfg)
+    cfg2 = ref_config(adaln_group=True, num_groups=2)
+    sd2 = {k: v.to(stored) for k, v in random_original_state_dict(cfg2, seed=4).items()}
+    regrouped = regroup_adaln(load_original(sd2, dtype=torch.float64), 4)
+    check_same_logits(regrouped, {k: v.double() for k, v in sd2.items()}, cfg2)
+
+
+def test_converted_model_does_not_share_the_callers_tensors():
+    """A state dict passed in is copied: two models of one dict were the same parameters, and
+    training one rewrote the dict."""
+    sd = random_original_state_dict(ref_config(), seed=5)
+    before = {k: v.clone() for k, v in sd.items()}
+    model = load_original(sd, dtype=torch.float64)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1)
+    assert all(torch.equal(sd[k], before[k]) for k in sd)
+
+
 def test_lm_head_stored_instead_of_embedding():
     cfg = ref_config()
     sd = random_original_state_dict(cfg, seed=4)
@@ -100,6 +127,12 @@ def test_config_mismatch_is_reported(tmp_path):
             "unexpected key 'backbone.extra.weight'",
         ),
         (lambda sd: sd.pop("backbone.cls_embed.embedding_table.weight"), "missing key 'backbone.cls_embed"),
+        (  # an out_proj bias where in_proj has none: the weights were dropped silently
+            lambda sd: sd.update(
+                {f"backbone.layers.{i}.mixer.out_proj.bias": torch.ones(32) for i in range(4)}
+            ),
+            r"weights 'model.layers.0.mixer.out_proj.bias' and 3 more have no place .*use_bias=False",
+        ),
     ],
 )
 def test_bad_state_dict(edit, match):
@@ -125,6 +158,35 @@ def test_bad_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_original(tmp_path / "empty")
+    release = tmp_path / "release"  # hp-l33/aim holds a file per size: it took the first silently
+    release.mkdir()
+    sd = random_original_state_dict(ref_config(), seed=6)
+    for name in ("aim_b.bin", "aim_xl.bin"):
+        torch.save(sd, release / name)
+    with pytest.raises(
+        ValueError, match=r"holds several checkpoints \(aim_b.bin, aim_xl.bin\); pass one file"
+    ):
+        load_original(release)
+    (tmp_path / "empty" / "config.json").write_text("{d_model: 32")
+    torch.save(sd, tmp_path / "empty" / "aim.bin")
+    with pytest.raises(ValueError, match=r"could not read .*config.json as JSON"):
+        load_original(tmp_path / "empty")
+
+
+def test_state_dict_nested_beside_other_tensors(tmp_path):
+    """{"state_dict": weights, "global_step": tensor(5)}: the outer mapping holds a tensor, and was
+    taken for the state dict ("missing key ...")."""
+    cfg = ref_config()
+    sd = random_original_state_dict(cfg, seed=7)
+    torch.save({"state_dict": sd, "global_step": torch.tensor(5)}, tmp_path / "trainer.pt")
+    check_same_logits(load_original(tmp_path / "trainer.pt", dtype=torch.float64), sd, cfg)
+
+
+def test_regroup_refuses_bad_group_counts():
+    model = load_original(random_original_state_dict(ref_config(adaln_group=True, num_groups=2)))
+    for groups in (0, -2, 2.0, "4"):
+        with pytest.raises(ValueError, match=f"groups must be a positive integer, got {groups!r}"):
+            regroup_adaln(model, groups)
 
 
 def test_legacy_names_and_longer_position_table():

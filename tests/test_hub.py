@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from test_pipeline import build_pipeline, one_thread, original_stage2, original_vq, seeded  # noqa: F401
 from test_tokenizer import SMALL_CH, SMALL_CONFIG, SMALL_MULT, SMALL_Z, RefVQ
 
+import aim_hf.hub
 import aim_hf.pipeline_aim
 from aim_hf import AiMConfig, AiMForImageGeneration, AiMPipeline
 from aim_hf.labels import IMAGENET_CLASSES
@@ -159,6 +160,25 @@ def test_saved_pipeline_from_offline_cache(tmp_path, hub_cache):
     assert_same_generation(AiMPipeline.from_pretrained("someone/aim-tiny"), reference)
 
 
+def test_cached_original_repo_when_the_hub_cannot_be_reached(tmp_path, hub_cache, monkeypatch):
+    """Online but with no network (HF_HUB_OFFLINE unset): the probe for model_index.json, which an
+    original repo's cache never holds, raised the connection error; hf_hub_download already falls
+    back to the cache."""
+    stage2, vq = original_stage2(seed=6), original_vq()
+    add_to_cache(hub_cache, "hp-l33/aim-tiny", write_hub_mixin(tmp_path / "mixin", stage2, vq))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    closed = "http://127.0.0.1:9"  # downloads are refused at once, whatever the machine's network
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError(f"cannot reach {closed}")
+
+    monkeypatch.setattr(aim_hf.hub, "file_exists", unreachable)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", closed + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    assert_same_generation(AiMPipeline.from_pretrained("hp-l33/aim-tiny"), build_pipeline(stage2, vq))
+
+
 def test_local_original_folders(tmp_path, stage2_b):
     stage2, vq = original_stage2(seed=6), original_vq()
     folder = write_hub_mixin(tmp_path / "mixin", stage2, vq)
@@ -193,6 +213,9 @@ def test_bad_arguments_and_bare_models(tmp_path):
     pipe.save_pretrained(tmp_path / "saved")
     with pytest.raises(ValueError, match="model_size only applies"):
         AiMPipeline.from_pretrained(tmp_path / "saved", model_size="B")
+    assert_same_generation(
+        AiMPipeline.from_pretrained(tmp_path / "saved", model_size=None), pipe
+    )  # the default
     with pytest.raises(ValueError, match="is a bare AiMForImageGeneration, not a pipeline"):
         AiMPipeline.from_pretrained(tmp_path / "saved" / "aim")
 

@@ -64,8 +64,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The tensor mapping inside a checkpoint that may nest it under "state_dict" or "model"."""
-    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((obj[k] for k in ("state_dict", "model", "module") if k in obj), None)
+    while isinstance(obj, Mapping):  # {"state_dict": {...}, "global_step": tensor(5)} holds it one down
+        inner = next(
+            (obj[k] for k in ("state_dict", "model", "module") if isinstance(obj.get(k), Mapping)), None
+        )
         if inner is None:
             break
         obj = inner
@@ -205,9 +207,10 @@ def convert_original_state_dict(
         if config.has_layer_tables:
             out.update({f"model.layers.{i}.adaln_table": t for i, t in tables.items()})
         else:  # one group per layer: the table is a constant added to that group's output
-            bias = out["model.adaln.bias"].view(n, 3 * d).clone()
+            # summed in float64, rounded once when loaded: bf16 weights summed in bf16 were off by 2e-3
+            bias = out["model.adaln.bias"].view(n, 3 * d).to(torch.float64, copy=True)
             for i, t in tables.items():
-                bias[i] += t.reshape(3 * d).to(bias.dtype)
+                bias[i] += t.reshape(3 * d)
             out["model.adaln.bias"] = bias.flatten()
     return out
 
@@ -217,6 +220,8 @@ def regroup_adaln(model: AiMForImageGeneration, groups: int) -> AiMForImageGener
     layer count: group j copies group j % G, so every layer keeps its parameters exactly."""
     config = model.config
     g, n, d = config.adaln_groups, config.num_hidden_layers, config.hidden_size
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
     if groups % g or n % groups:
         raise ValueError(
             f"cannot regroup {g} adaLN groups into {groups}: it must be a multiple of {g} that divides {n} layers"
@@ -228,6 +233,7 @@ def regroup_adaln(model: AiMForImageGeneration, groups: int) -> AiMForImageGener
     weight, bias = weight[index].clone(), bias[index].clone()
     new_config = AiMConfig(**{**config.to_diff_dict(), "adaln_groups": groups})
     if config.has_layer_tables and not new_config.has_layer_tables:
+        bias = bias.double()  # one rounding into the model's dtype, as in conversion
         for i in range(n):
             bias[i] += sd.pop(f"model.layers.{i}.adaln_table").reshape(3 * d)
     sd["model.adaln.weight"], sd["model.adaln.bias"] = weight.flatten(0, 1), bias.flatten()
@@ -249,16 +255,24 @@ def load_original(
     sets ``original_decode_positions`` so that decoding matches the original's.
     """
     name = "state dict"
-    if not isinstance(source, Mapping):
+    caller_owned = isinstance(source, Mapping)
+    if not caller_owned:
         path = Path(source)
         name = str(path)
         if path.is_dir():
             config_file = path / "config.json"
             if original_config is None and config_file.is_file():
-                original_config = json.loads(config_file.read_text())
-            files = [path / "model.safetensors"] + [path / f"pytorch_model{s}" for s in (".bin",)]
-            files += sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            found = next((f for f in files if f.is_file()), None)
+                try:
+                    original_config = json.loads(config_file.read_text())
+                except ValueError as err:
+                    raise ValueError(f"could not read {config_file} as JSON: {err}") from None
+            pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            files = [f for f in (path / "model.safetensors", path / "pytorch_model.bin") if f.is_file()]
+            if not files and len(pickles) > 1:  # e.g. hp-l33/aim's aim_b.bin, aim_xl.bin, ...
+                raise ValueError(
+                    f"{path} holds several checkpoints ({', '.join(p.name for p in pickles)}); pass one file"
+                )
+            found = next(iter(files + pickles), None)
             if found is None:
                 raise FileNotFoundError(f"{path}: no model.safetensors or .bin checkpoint in this folder")
             path, name = found, str(found)
@@ -278,6 +292,17 @@ def load_original(
             raise ValueError(
                 f"{name}: {key!r} has shape {tuple(converted[key].shape)}, expected {tuple(tensor.shape)}"
             )
-    model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=False, assign=True)
+    unused = sorted(set(converted) - set(expected))
+    if unused:  # e.g. an out_proj bias where in_proj has none: the config has no place for it
+        raise ValueError(
+            f"{name}: weights {unused[0]!r}"
+            + (f" and {len(unused) - 1} more" if len(unused) > 1 else "")
+            + f" have no place in the model its other weights describe (use_bias={config.use_bias})"
+        )
+    # a caller's state dict is copied: the model's parameters must not be the caller's tensors
+    copy = caller_owned
+    model.load_state_dict(
+        {k: v.to(dtype, copy=copy) for k, v in converted.items()}, strict=False, assign=True
+    )
     model.tie_weights()
     return model.eval()

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from diffusers import VQModel
 from huggingface_hub import constants, file_exists, hf_hub_download, try_to_load_from_cache
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from safetensors import SafetensorError, safe_open
 
 from .configuration_aim import AiMConfig
@@ -83,9 +83,16 @@ class Source:
             ) from None
         if isinstance(cached, str):
             return True
-        return not self.offline and file_exists(
-            self.location, filename, revision=self.revision, token=self.token
-        )
+        if self.offline:
+            return False
+        try:
+            return file_exists(self.location, filename, revision=self.revision, token=self.token)
+        except HfHubHTTPError:  # the hub answered: a gated or private repo, a server error
+            raise
+        except (
+            Exception
+        ):  # no answer (no network, DNS, timeout): the cache's, as hf_hub_download falls back to it
+            return False
 
     def fetch(self, filename: str) -> Path:
         """The local path of ``filename``, downloaded (or taken from the cache) when on the hub."""

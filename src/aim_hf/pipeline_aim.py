@@ -76,7 +76,7 @@ class AiMPipeline(DiffusionPipeline):
         source = hub.Source(location, **hub_args)
         if hub.detect_format(source) != "pipeline":
             return cls._from_original(source, kwargs)
-        if "model_size" in kwargs:
+        if kwargs.get("model_size") is not None:
             raise ValueError(
                 f"model_size only applies to hp-l33/aim's release files; {location} is a pipeline"
             )
@@ -85,7 +85,7 @@ class AiMPipeline(DiffusionPipeline):
         folder = location if source.is_local else cls.download(location, variant=variant, **hub_args)
         passed = tuple(name for name in hub.COMPONENT_WEIGHTS if name in kwargs)
         hub.check_pipeline_folder(folder, variant, skip=passed)
-        rest = {k: v for k, v in kwargs.items() if k not in hub.HUB_ARGUMENTS}
+        rest = {k: v for k, v in kwargs.items() if k not in (*hub.HUB_ARGUMENTS, "model_size")}
         if rest.get("dtype") is None and rest.get("torch_dtype") is None:
             rest["dtype"] = torch.float32
         return super().from_pretrained(folder, **rest)
