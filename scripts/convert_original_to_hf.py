@@ -4,8 +4,10 @@
 Sources, as a hub repo id or a local folder: hp-l33/aim-base, hp-l33/aim-large, hp-l33/aim-xlarge
 (config.json + model.safetensors with the tokenizer inside) and hp-l33/aim (aim_b.bin, aim_l.bin,
 aim_xl.bin, with the tokenizer from FoundationVision/LlamaGen or --vq). The saved folder is loaded
-back and its logits compared with those of the original state dict loaded directly, on the same
-random codes; the conversion fails if the maximum relative error exceeds the tolerance.
+back and its logits compared with those of the original state dict loaded directly in float32, on
+the same random codes: a check of saving, the dtype and loading (the renaming of the weights is
+tested against an independent float64 reference in tests/test_conversion.py); the conversion
+fails if the maximum relative error exceeds the tolerance.
 
     python scripts/convert_original_to_hf.py hp-l33/aim-xlarge aim-xl --push-to-hub me/aim-xl
 """
