@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def random_init_pipeline(pipe: AiMPipeline, seed: int) -> AiMPipeline:
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     pipe = AiMPipeline.from_pretrained(args.model)
     if pipe.aim.config.num_classes != NUM_DIGITS:
-        raise SystemExit(f"{args.model} has {pipe.aim.config.num_classes} classes, not the 10 digits")
+        raise SystemExit(f"error: {args.model} has {pipe.aim.config.num_classes} classes, not the 10 digits")
     guidance = pipe.aim.config.default_guidance_scale if args.guidance_scale is None else args.guidance_scale
     labels = np.repeat(np.arange(NUM_DIGITS), args.samples_per_class)
 
@@ -151,4 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,9 @@ def vq_config(args: argparse.Namespace) -> dict[str, Any]:
 def load_images(args: argparse.Namespace) -> Dataset:
     dataset = load_digits_dataset(args.resolution) if args.digits else load_from_disk(args.dataset)
     if args.image_column not in dataset.column_names:
-        raise SystemExit(f"no column {args.image_column!r} in the dataset (columns: {dataset.column_names})")
+        raise SystemExit(
+            f"error: no column {args.image_column!r} in the dataset (columns: {dataset.column_names})"
+        )
     return dataset.select_columns([args.image_column])
 
 
@@ -224,7 +227,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     dataset = load_images(args)
     if len(dataset) < args.batch_size * accelerator.num_processes:  # training drops the last partial batch
         raise SystemExit(
-            f"--batch-size {args.batch_size} x {accelerator.num_processes} process(es) is more than the "
+            f"error: --batch-size {args.batch_size} x {accelerator.num_processes} process(es) is more than the "
             f"{len(dataset)} images: no full batch to train on; lower --batch-size"
         )
     vq = VQModel(**vq_config(args))
@@ -295,4 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

@@ -3,6 +3,8 @@ runs of scripts/train_vq.py and scripts/evaluate_digits.py."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -181,6 +183,23 @@ def test_evaluate_digits_reduced_run(tmp_path):
         assert len(row["per_class_consistency"]) == 10
     # Random weights draw no digits: far from the real ones in the classifier's feature space.
     assert rows["random init"]["frechet_distance"] > 5 * rows["real (held out)"]["frechet_distance"]
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("evaluate_digits", ["--model", "{tmp}/no-model"], "error: "),
+        ("train_vq", ["--dataset", "{tmp}/no-data", "--output", "{tmp}/vq"], "error: "),
+    ],
+)
+def test_digit_scripts_report_errors_in_one_line(tmp_path, script, argv, message):
+    """As the other scripts do: "error: ..." and status 1, not a traceback."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / f"{script}.py"), *argv], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 1 and run.stderr.startswith(message) and "Traceback" not in run.stderr
+    assert not (tmp_path / "vq").exists()
 
 
 @pytest.mark.parametrize(
