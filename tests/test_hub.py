@@ -179,6 +179,18 @@ def test_cached_original_repo_when_the_hub_cannot_be_reached(tmp_path, hub_cache
     assert_same_generation(AiMPipeline.from_pretrained("hp-l33/aim-tiny"), build_pipeline(stage2, vq))
 
 
+def test_tokenizer_file_with_prefixed_keys(tmp_path):
+    """--vq / vqvae= files may hold the tokenizer under "vqvae." (AiM's combined checkpoints), as
+    load_llamagen_vq accepts: the loader read the key names before taking the prefix off."""
+    vq = original_vq()
+    aim = build_pipeline().aim
+    plain = aim_hf.hub.load_tokenizer(vq, "vq.pt", aim.config)
+    prefixed = aim_hf.hub.load_tokenizer(
+        {f"vqvae.{k}": v for k, v in vq.items()}, "mix.safetensors", aim.config
+    )
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), prefixed.state_dict().values()))
+
+
 def test_local_original_folders(tmp_path, stage2_b):
     stage2, vq = original_stage2(seed=6), original_vq()
     folder = write_hub_mixin(tmp_path / "mixin", stage2, vq)

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from .configuration_aim import AiMConfig
 from .conversion import load_original, read_state_dict
 from .modeling_aim import AiMForImageGeneration
-from .tokenizer import llamagen_vq_config, load_llamagen_vq
+from .tokenizer import llamagen_vq_config, load_llamagen_vq, tokenizer_part
 
 PIPELINE_INDEX = "model_index.json"
 HUB_MIXIN_FILES = ("config.json", "model.safetensors")
@@ -208,6 +208,7 @@ def load_tokenizer(state_dict: Mapping[str, torch.Tensor], name: str, aim_config
     """A LlamaGen VQ tokenizer for the model of ``aim_config``, as a ``VQModel`` whose config is read
     from the weights' shapes. Its codebook must have the model's ``vocab_size`` codes; the image
     size is set from the ``num_tokens`` grid. ``name`` (the file) prefixes every error."""
+    state_dict = tokenizer_part(state_dict)  # keys read by their LlamaGen names
     config = infer_llamagen_vq_config(state_dict, name, grid_side=math.isqrt(aim_config.num_tokens))
     check_codebook(config["num_vq_embeddings"], aim_config.vocab_size, f"{name}: 'quantize.embedding.weight'")
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "images_to_uint8",
     "llamagen_vq_config",
     "load_llamagen_vq",
+    "tokenizer_part",
 ]
 
 _PREFIX = "vqvae."
@@ -131,6 +133,14 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, torch.Size]:
     return {name: tensor.shape for name, tensor in model.state_dict().items()}
 
 
+def tokenizer_part(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """The tokenizer's keys without their "vqvae." prefix where any key has it (AiM's combined
+    checkpoints), else the state dict as it is."""
+    if any(key.startswith(_PREFIX) for key in state_dict):
+        return {k[len(_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
+    return state_dict
+
+
 def convert_llamagen_vq_state_dict(
     state_dict: dict[str, Tensor], config: dict[str, Any] | None = None
 ) -> dict[str, Tensor]:
@@ -141,8 +151,7 @@ def convert_llamagen_vq_state_dict(
     ``config`` (``VQModel`` kwargs, default ``llamagen_vq_config()``) is what the result is
     checked against: every key must map, every expected key must be present, shapes must match.
     """
-    if any(key.startswith(_PREFIX) for key in state_dict):
-        state_dict = {k[len(_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
+    state_dict = tokenizer_part(state_dict)
     expected = _expected_shapes(config if config is not None else llamagen_vq_config())
 
     converted: dict[str, Tensor] = {}
