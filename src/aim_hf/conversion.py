@@ -300,9 +300,8 @@ def load_original(
             + f" have no place in the model its other weights describe (use_bias={config.use_bias})"
         )
     # a caller's state dict is copied: the model's parameters must not be the caller's tensors
-    copy = caller_owned
     model.load_state_dict(
-        {k: v.to(dtype, copy=copy) for k, v in converted.items()}, strict=False, assign=True
+        {k: v.to(dtype, copy=caller_owned) for k, v in converted.items()}, strict=False, assign=True
     )
     model.tie_weights()
     return model.eval()

@@ -43,8 +43,9 @@ LLAMAGEN_VQ_FILE = "vq_ds16_c2i.pt"
 # Keyword arguments of ``from_pretrained`` that say where and how to fetch files.
 HUB_ARGUMENTS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
 # Weights of each pipeline component as ``save_pretrained`` writes them.
-_VARIANT = re.compile(r"[A-Za-z0-9_-]+")
 COMPONENT_WEIGHTS = {"aim": "model.safetensors", "vqvae": "diffusion_pytorch_model.safetensors"}
+# What a variant may be called: it becomes part of file names (model.fp16.safetensors).
+_VARIANT = re.compile(r"[A-Za-z0-9_-]+")
 
 _VQ_PREFIX = "vqvae."
 
@@ -89,9 +90,8 @@ class Source:
             return file_exists(self.location, filename, revision=self.revision, token=self.token)
         except HfHubHTTPError:  # the hub answered: a gated or private repo, a server error
             raise
-        except (
-            Exception
-        ):  # no answer (no network, DNS, timeout): the cache's, as hf_hub_download falls back to it
+        except Exception:
+            # no answer (no network, DNS, timeout): the cache's, as hf_hub_download falls back to it
             return False
 
     def fetch(self, filename: str) -> Path:
