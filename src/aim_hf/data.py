@@ -163,9 +163,9 @@ def check_codes_columns(
             f"codes column {codes_column!r} has type {dataset.features[codes_column]}; allowed: a list of "
             "integers per row (float codes would be truncated)"
         )
-    for name, column in ((codes_column, codes), (codes_column, pc.list_flatten(codes))):
-        if column.null_count:
-            raise ValueError(f"codes column {name!r} holds {column.null_count} missing values (null)")
+    nulls = codes.null_count + pc.list_flatten(codes).null_count  # rows, then codes within rows
+    if nulls:
+        raise ValueError(f"codes column {codes_column!r} holds {nulls} missing values (null)")
     labels = _column(dataset, label_column)
     if labels.null_count:
         raise ValueError(f"label column {label_column!r} holds {labels.null_count} missing values (null)")
