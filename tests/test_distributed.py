@@ -15,7 +15,7 @@ On the CPU this runs with gloo (the stand-in for the GPU check); on a machine wi
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_distributed.py -m gpu -s
 
-The same comparison with FSDP2 (``--fsdp full_shard``) needs two GPUs.
+The same comparison with FSDP2 (``--fsdp``) needs two GPUs.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(workdir,
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_process_fsdp_matches_one_process(workdir, tmp_path):  # noqa: F811
-    """FSDP2 through Trainer (``--fsdp full_shard``; the model names AiMBlock as its shard unit):
+    """FSDP2 through Trainer (``--fsdp`` with the settings in fsdp_config; ``--fsdp full_shard`` is
+    deprecated in transformers 5; the model names AiMBlock as its shard unit):
     sharded parameters, gradients and AdamW state, then the weights gathered by train.py, the same
     as one unsharded process with the same global batch. GPU only: accelerate turns FSDP on only
     for GPU backends and silently trains plain DDP on the CPU, so the test also checks that the
@@ -107,9 +108,7 @@ def test_two_process_fsdp_matches_one_process(workdir, tmp_path):  # noqa: F811
     fsdp = tmp_path / "fsdp.json"
     fsdp.write_text(json.dumps({"version": 2}))
     one = launch(workdir, tmp_path / "one", 1, 2 * BATCH, "cuda")
-    two = launch(
-        workdir, tmp_path / "two", 2, BATCH, "cuda", "--fsdp", "full_shard", "--fsdp_config", str(fsdp)
-    )
+    two = launch(workdir, tmp_path / "two", 2, BATCH, "cuda", "--fsdp", "--fsdp_config", str(fsdp))
     assert any("fsdp" in path.name for path in (tmp_path / "two" / f"checkpoint-{STEPS}").iterdir())
     assert_same_training(one, two, tmp_path, "cuda")
 
