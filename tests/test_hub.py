@@ -342,6 +342,8 @@ def test_plain_load_is_float32_beside_a_variant(tmp_path):
     assert_same_generation(plain, pipe)
     fp16 = AiMPipeline.from_pretrained(tmp_path / "p", variant="fp16", dtype=torch.float16)
     assert (fp16.aim.dtype, fp16.vqvae.dtype) == (torch.float16, torch.float16)
+    # transformers alone reads the config's dtype: it still names the plain weights' float32
+    assert AiMForImageGeneration.from_pretrained(tmp_path / "p" / "aim").dtype == torch.float32
 
 
 @pytest.mark.parametrize("variant", ["", "a/b", "fp.16", 16])

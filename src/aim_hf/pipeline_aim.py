@@ -7,6 +7,7 @@ reads the original AiM checkpoints (see :mod:`aim_hf.hub`), converting them in m
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -136,6 +137,8 @@ class AiMPipeline(DiffusionPipeline):
             card.save(os.path.join(staging, "README.md"))
             for stale in _stale_weights(Path(staging), target, variant):
                 stale.unlink()
+            if variant is not None:
+                _keep_plain_dtype(Path(staging), target)
             _move_into(Path(staging), target, last="model_index.json")
         if push_to_hub:
             self.push_to_hub(repo_id or target.name, variant=variant, max_shard_size=max_shard_size, **kwargs)
@@ -316,6 +319,20 @@ def _stale_weights(staging: Path, target: Path, variant: str | None) -> list[Pat
             p for p in (target / component).glob("*") if pattern.fullmatch(p.name) and p.name not in written
         ]
     return stale
+
+
+def _keep_plain_dtype(staging: Path, target: Path) -> None:
+    """A variant saved beside plain weights keeps the dtype that aim/config.json gives those:
+    transformers loads a folder in its config's dtype, so an fp16 variant's config made a plain
+    ``AiMForImageGeneration.from_pretrained(folder / "aim")`` cast the float32 weights to float16."""
+    plain = hub.weight_names(hub.COMPONENT_WEIGHTS["aim"], None)
+    old, new = target / "aim" / "config.json", staging / "aim" / "config.json"
+    if not (old.is_file() and new.is_file() and any((target / "aim" / f).is_file() for f in plain)):
+        return
+    kept, written = json.loads(old.read_text()), json.loads(new.read_text())
+    if "dtype" in kept:
+        written["dtype"] = kept["dtype"]
+        new.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
 
 def _move_into(staging: Path, target: Path, last: str) -> None:
