@@ -89,6 +89,14 @@ def build_model(script: ScriptArguments, train: datasets.Dataset) -> AiMForImage
     class embedding resized to --num_classes."""
     if script.init_from is not None:
         model = load_aim(script.init_from)
+        feature = train.features[script.label_column]
+        named = isinstance(feature, datasets.ClassLabel) and feature.num_classes != model.config.num_classes
+        if script.num_classes is None and named:  # a model of other classes, trained on these silently
+            raise ValueError(
+                f"the dataset has {feature.num_classes} classes ({', '.join(feature.names[:5])}"
+                f"{', ...' if feature.num_classes > 5 else ''}) and the --init_from model "
+                f"{model.config.num_classes}; pass --num_classes {feature.num_classes} to resize its class embedding"
+            )
         if script.num_classes is not None and script.num_classes != model.config.num_classes:
             resize_class_embedding(model, script.num_classes)
     else:

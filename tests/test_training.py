@@ -113,6 +113,33 @@ def test_finetune_from_saved_model_to_more_classes(workdir, trained):
     assert json.loads((output / "model" / "config.json").read_text())["num_classes"] == 5
 
 
+def test_finetune_on_other_named_classes_needs_num_classes(workdir, trained, tmp_path):
+    """--init_from a model of 3 classes on a dataset of 4 named ones: without --num_classes it
+    trained the old classes and kept their names; with it, the new names replace the old."""
+    codes = datasets.load_from_disk(str(workdir / "codes"))
+    names = ["circle", "square", "triangle", "star"]
+    codes.cast_column("label", datasets.ClassLabel(names=names)).save_to_disk(str(tmp_path / "shapes"))
+    base = tmp_path / "base"
+    model = AiMForImageGeneration.from_pretrained(workdir / "run" / "model")
+    model.config.id2label = {0: "red", 1: "green", 2: "blue"}
+    model.save_pretrained(base)
+    args = train_args(
+        workdir, tmp_path / "out", "--init_from", str(base), "--dataset", str(tmp_path / "shapes")
+    )
+    args[args.index("--max_steps") + 1] = "1"
+    with pytest.raises(
+        ValueError,
+        match=r"the dataset has 4 classes \(circle, square, triangle, star\) and the --init_from model 3; pass --num_classes 4",
+    ):
+        train_script.main(args)
+    train_script.main([*args, "--num_classes", "4"])
+    config = AiMForImageGeneration.from_pretrained(tmp_path / "out" / "model").config
+    assert config.id2label == dict(enumerate(names))
+    resized = AiMForImageGeneration.from_pretrained(base)
+    resize_class_embedding(resized, 5)  # on data without names: no stale names of the old classes
+    assert resized.config.id2label == {i: f"LABEL_{i}" for i in range(5)}
+
+
 def test_class_names_of_the_dataset_go_into_the_config(workdir, tmp_path):
     codes = datasets.load_from_disk(str(workdir / "codes"))
     names = ["red", "green", "blue"]

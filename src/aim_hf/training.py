@@ -143,3 +143,7 @@ def resize_class_embedding(model: AiMForImageGeneration, num_classes: int) -> No
     new.weight[num_classes] = old[old_classes]
     model.model.embed_classes = new
     model.config.num_classes = num_classes
+    # the old names would name other classes (or too few): transformers' placeholders, which the
+    # pipeline reads as "no names", until the new data's names are set
+    model.config.id2label = {i: f"LABEL_{i}" for i in range(num_classes)}
+    model.config.label2id = {f"LABEL_{i}": i for i in range(num_classes)}
