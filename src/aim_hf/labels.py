@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from functools import cache
 from importlib import resources
 
-__all__ = ["IMAGENET_CLASSES", "get_label_ids", "load_imagenet_classes"]
+__all__ = ["IMAGENET_CLASSES", "ClassNameError", "get_label_ids", "load_imagenet_classes"]
 
 
 @cache
@@ -27,6 +27,10 @@ def load_imagenet_classes() -> list[list[str]]:
 IMAGENET_CLASSES: list[list[str]] = load_imagenet_classes()
 # An unknown name with no close match lists the classes when there are at most this many.
 LISTED_CLASSES = 16
+
+
+class ClassNameError(ValueError):
+    """A class name that names no class, or several."""
 
 
 def _lookup(names: Sequence[Sequence[str] | str]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
@@ -59,7 +63,7 @@ def _name_to_id(
         return ids[0]
     if ids:
         choices = ", ".join(_describe(i, names) for i in ids)
-        raise ValueError(
+        raise ClassNameError(
             f"class name {label!r} is ambiguous: it names classes {choices}; pass the class id instead"
         )
     if key.isdigit():  # e.g. "207" from a command line
@@ -73,7 +77,7 @@ def _name_to_id(
         hint = f" (classes: {', '.join(n if isinstance(n, str) else n[0] for n in names)})"
     else:
         hint = ""
-    raise ValueError(f"unknown class name {label!r}{hint}")
+    raise ClassNameError(f"unknown class name {label!r}{hint}")
 
 
 def _check_id(class_id: int, num_classes: int) -> int:

@@ -24,7 +24,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, VQModel
 from huggingface_hub import create_repo, upload_folder
 
 from . import hub
-from .labels import IMAGENET_CLASSES, get_label_ids
+from .labels import IMAGENET_CLASSES, ClassNameError, get_label_ids
 from .model_card import make_model_card
 from .modeling_aim import AiMForImageGeneration
 from .tokenizer import decode_codes
@@ -191,8 +191,8 @@ class AiMPipeline(DiffusionPipeline):
         names = self.class_names
         try:
             return get_label_ids(labels, names or [str(i) for i in range(num_classes)])
-        except ValueError as err:
-            if names is not None or "class name" not in str(err):
+        except ClassNameError as err:
+            if names is not None:
                 raise
             raise ValueError(
                 f"{err}; this model has no class names (num_classes={num_classes} and no id2label in "
