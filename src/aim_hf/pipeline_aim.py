@@ -246,10 +246,6 @@ class AiMPipeline(DiffusionPipeline):
         images ("pil"), a float array (N, H, W, 3) ("np") or a float tensor (N, 3, H, W) ("pt").
         On a GPU the codes are decoded in chunks that fit its free memory (``decode_codes``)."""
         _check_output_type(output_type)
-        if not isinstance(codes, torch.Tensor):
-            raise ValueError(
-                f"codes must be a tensor of VQ codes (num_images, num_tokens), got {type(codes).__name__}"
-            )
         # an offloaded tokenizer (enable_model_cpu_offload) waits on the CPU until decode moves it
         device = self._execution_device if hasattr(self.vqvae, "_hf_hook") else self.vqvae.device
         images = decode_codes(self.vqvae, codes, device)

@@ -237,6 +237,10 @@ def decode_codes(
     """Images in about [-1, 1], shape (B, 3, H, W), from codes (B, N) on a sqrt(N) x sqrt(N) grid,
     decoded on ``device`` (default: the tokenizer's), ``batch_size`` images at a time (default: on
     a CUDA device as many as fit its free memory, ``decode_batch_size``; elsewhere all)."""
+    if not isinstance(codes, Tensor):
+        raise ValueError(
+            f"codes must be a tensor of VQ codes (num_images, num_tokens), got {type(codes).__name__}"
+        )
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}")
     if codes.ndim != 2:
