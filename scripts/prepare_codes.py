@@ -41,6 +41,7 @@ from aim_hf.files import atomic_path, remove_temporaries
 from aim_hf.tokenizer import encode_images
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SETTINGS_FILE = "prepare_codes.json"  # the plan, kept in the finished dataset beside datasets' own files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,14 +133,32 @@ def encode_shard(
     return np.concatenate(codes), np.concatenate(labels)
 
 
-def check_plan(work: Path, plan: dict) -> None:
-    """The work folder must come from the same settings, or its shards would not fit together."""
-    saved = json.loads((work / "plan.json").read_text())
+def settings(args: argparse.Namespace) -> dict:
+    """What the rows depend on, as given on the command line (recorded in the finished dataset)."""
+    dataset = Path(args.dataset)
+    return {
+        "dataset": str(dataset.resolve()) if dataset.exists() else args.dataset,
+        "dataset_config": args.dataset_config,
+        "data_dir": args.data_dir,
+        "split": args.split,
+        "image_column": args.image_column,
+        "label_column": args.label_column,
+        "image_size": args.image_size,
+        "augment": args.augment,
+        "crop_range": args.crop_range,
+        "tokenizer": str(Path(args.tokenizer).resolve()),
+        "dtype": args.dtype,
+    }
+
+
+def check_plan(folder: Path, saved: dict, plan: dict) -> None:
+    """``folder`` must come from the same settings: shards of others would not fit together, and a
+    finished dataset of others is not what this command asks for."""
     changed = {k: (saved.get(k), v) for k, v in plan.items() if saved.get(k) != v}
     if changed:
         details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
         raise ValueError(
-            f"{work} holds shards made with other settings ({details}); "
+            f"{folder} was made with other settings ({details}); "
             "rerun with the same settings or delete the folder"
         )
 
@@ -155,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     # cpu: without a GPU, processes started by torchrun or accelerate launch find each other over gloo
     state = PartialState(cpu=not torch.cuda.is_available())
     if output.exists():
+        if (output / SETTINGS_FILE).is_file():  # datasets written before it was recorded are taken as they are
+            check_plan(output, json.loads((output / SETTINGS_FILE).read_text()), settings(args))
         if work.exists() and state.is_main_process:
             shutil.rmtree(work)  # left by a run killed while deleting it, after OUTPUT was complete
-        print(f"{output} already exists; nothing to do (delete it to tokenise again)")
+        print(f"{output} already exists with these settings; nothing to do (delete it to tokenise again)")
         return 0
     datasets.disable_progress_bars()  # one bar over the shards instead of one per saved shard
     vq = load_vq(args.tokenizer)
@@ -178,18 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
 
-    plan = {
-        "source": source._fingerprint,
-        "num_rows": len(source),
-        "image_column": args.image_column,
-        "label_column": args.label_column,
-        "shard_size": args.shard_size,
-        "image_size": args.image_size,
-        "augment": args.augment,
-        "crop_range": args.crop_range,
-        "tokenizer": str(Path(args.tokenizer).resolve()),
-        "dtype": args.dtype,
-    }
+    plan = {**settings(args), "source": source._fingerprint, "num_rows": len(source), "shard_size": args.shard_size}
     if state.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         remove_temporaries(work)
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             with atomic_path(work / "plan.json") as tmp:
                 tmp.write_text(json.dumps(plan, indent=1))
     state.wait_for_everyone()
-    check_plan(work, plan)
+    check_plan(work, json.loads((work / "plan.json").read_text()), plan)
 
     num_shards = math.ceil(len(source) / args.shard_size)
     mine = range(state.process_index, num_shards, state.num_processes)
@@ -223,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             codes = datasets.concatenate_datasets(shards)
             with atomic_path(output) as tmp:
                 codes.save_to_disk(str(tmp))
+                (tmp / SETTINGS_FILE).write_text(json.dumps(plan, indent=1))
             shutil.rmtree(work)
             print(f"wrote {len(codes)} rows of {num_tokens} codes ({args.augment}) to {output}")
     state.wait_for_everyone()
