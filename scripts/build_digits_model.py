@@ -137,7 +137,8 @@ def write_model_card(
     before the citation."""
     # the package's own copy: the snippet names the installed package's folder, wherever it runs
     constant = "aim_hf.cli.DEFAULT_MODEL" if output == cli.DEFAULT_MODEL.resolve() else None
-    card = make_model_card(pipe, repo_id=os.path.relpath(output, ROOT), constant=constant)
+    # trained by this repository, under its license
+    card = make_model_card(pipe, repo_id=os.path.relpath(output, ROOT), constant=constant, license="mit")
     rows = "\n".join(
         f"| {name} | {row['samples']} | {row['class_consistency']:.3f} | {row['frechet_distance']:.2f} |"
         for name, row in results["rows"].items()

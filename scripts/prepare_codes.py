@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     # cpu: without a GPU, processes started by torchrun or accelerate launch find each other over gloo
     state = PartialState(cpu=not torch.cuda.is_available())
     if output.exists():
-        if (output / SETTINGS_FILE).is_file():  # datasets written before it was recorded are taken as they are
+        if (
+            output / SETTINGS_FILE
+        ).is_file():  # datasets written before it was recorded are taken as they are
             check_plan(output, json.loads((output / SETTINGS_FILE).read_text()), settings(args))
         if work.exists() and state.is_main_process:
             shutil.rmtree(work)  # left by a run killed while deleting it, after OUTPUT was complete
@@ -199,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
 
-    plan = {**settings(args), "source": source._fingerprint, "num_rows": len(source), "shard_size": args.shard_size}
+    plan = {
+        **settings(args),
+        "source": source._fingerprint,
+        "num_rows": len(source),
+        "shard_size": args.shard_size,
+    }
     if state.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         remove_temporaries(work)

@@ -298,7 +298,9 @@ def test_prepare_codes_equals_direct_encoding(tmp_path, vq_dir, images_dir):
         assert codes[2 * i : 2 * i + 2]["label"] == [images[i]["label"]] * 2
 
 
-def test_prepare_codes_rerun_into_a_finished_dataset_checks_its_settings(tmp_path, vq_dir, images_dir, capsys):
+def test_prepare_codes_rerun_into_a_finished_dataset_checks_its_settings(
+    tmp_path, vq_dir, images_dir, capsys
+):
     """A finished dataset records what it was made with: the same command again has nothing to do,
     other settings are refused instead of passing off the old rows as what was asked for."""
     prepare = load_script("prepare_codes")
@@ -308,7 +310,9 @@ def test_prepare_codes_rerun_into_a_finished_dataset_checks_its_settings(tmp_pat
     before = sorted(p.name for p in output.iterdir())
     assert prepare.main([*args, "--shard-size", "3"]) == 0  # the rows do not depend on the shards
     assert "nothing to do" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"codes was made with other settings \(augment: 'none' then, 'flip' now\)"):
+    with pytest.raises(
+        ValueError, match=r"codes was made with other settings \(augment: 'none' then, 'flip' now\)"
+    ):
         prepare.main([*args, "--augment", "flip"])
     with pytest.raises(ValueError, match="image_size: 8 then, 16 now"):
         prepare.main([*args, "--image-size", "16"])

@@ -10,6 +10,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 from test_digits import load_script
 
 from aim_hf import AiMPipeline
@@ -69,8 +70,9 @@ def test_card_snippet_runs_anywhere_and_is_the_scripts(tmp_path, monkeypatch):
     card = (DEFAULT_MODEL / "README.md").read_text()
     (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
     pipe = AiMPipeline.from_pretrained(DEFAULT_MODEL)
-    written = make_model_card(pipe, "elsewhere", constant="aim_hf.cli.DEFAULT_MODEL").text
-    assert f"```python\n{snippet}```" in written
+    written = make_model_card(pipe, "elsewhere", constant="aim_hf.cli.DEFAULT_MODEL", license="mit")
+    assert f"```python\n{snippet}```" in written.text
+    assert ModelCard(card).data.license == written.data.license == "mit"
     monkeypatch.chdir(tmp_path)
     exec(snippet, {})
     assert (tmp_path / "aim.png").is_file()

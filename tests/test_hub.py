@@ -416,7 +416,8 @@ def _python_block(text: str) -> str:
 
 def test_model_card_of_a_saved_pipeline(saved, tmp_path, monkeypatch):
     card = ModelCard.load(saved / "README.md")
-    assert card.data.license == "mit"
+    assert card.data.license is None  # the weights' owner chooses it (it said MIT for everyone's)
+    assert card.data.base_model is None
     assert card.data.library_name == "aim-hf"
     assert card.data.pipeline_tag == "unconditional-image-generation"
     assert {"arxiv:2408.12245", "mamba", "class-conditional"} <= set(card.data.tags)
@@ -450,6 +451,40 @@ def test_model_card_of_released_weights():
     with torch.device("meta"):
         pipeline.aim = AiMForImageGeneration(AiMConfig.from_preset("AiM-XL"))
     assert make_model_card(pipeline, "someone/aim-xl").data.eval_results is None
+
+
+def test_model_card_license_and_base_model(tmp_path):
+    """A fine-tune of released weights names its base and its owner's license, and claims neither
+    the paper's FID nor to be the converted release; bad values are refused before anything is saved."""
+    with torch.device("meta"):
+        aim = AiMForImageGeneration(AiMConfig.from_preset("AiM-B", original_decode_positions=True))
+        vqvae = VQModel(**llamagen_vq_config())
+    pipeline = SimpleNamespace(aim=aim, vqvae=vqvae, class_names=IMAGENET_CLASSES)
+    released = ModelCard(str(make_model_card(pipeline, "someone/aim-b")))
+    assert released.data.license == "mit" and released.data.eval_results is not None
+    tuned = ModelCard(
+        str(make_model_card(pipeline, "me/aim-b-ft", license="apache-2.0", base_model="hp-l33/aim-base"))
+    )
+    assert tuned.data.license == "apache-2.0" and tuned.data.base_model == "hp-l33/aim-base"
+    assert tuned.data.eval_results is None and "Original weights" not in tuned.text
+    assert "Fine-tuned from [hp-l33/aim-base](https://huggingface.co/hp-l33/aim-base)" in tuned.text
+
+    pipe = build_pipeline()
+    pipe.save_pretrained(tmp_path / "p", license="cc-by-4.0", base_model="me/aim-tiny")
+    card = ModelCard.load(tmp_path / "p" / "README.md")
+    assert (card.data.license, card.data.base_model) == ("cc-by-4.0", "me/aim-tiny")
+    for bad, match in [
+        (
+            {"base_model": str(tmp_path / "p")},
+            "base_model must be a hub repo id such as 'hp-l33/aim-base', got '/",
+        ),
+        ({"license": ""}, "license must be a hub license id such as 'mit' or 'apache-2.0', got ''"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            pipe.save_pretrained(tmp_path / "q", **bad)
+        with pytest.raises(ValueError, match=match):
+            pipe.push_to_hub("me/q", **bad)  # before the repo is created: no network is reached
+    assert not (tmp_path / "q").exists()
 
 
 def test_model_card_of_1000_named_classes_of_its_own(tmp_path, monkeypatch):

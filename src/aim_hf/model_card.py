@@ -11,6 +11,8 @@ import math
 from typing import TYPE_CHECKING
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .configuration_aim import PRESETS
 from .labels import IMAGENET_CLASSES
@@ -22,6 +24,7 @@ PAPER_ID = "2408.12245"
 PAPER_URL = f"https://arxiv.org/abs/{PAPER_ID}"
 # FID on ImageNet 256x256 from the paper, for the released weights (SPEC §2).
 PAPER_FID = {"AiM-B": 3.52, "AiM-L": 2.83, "AiM-XL": 2.56}
+ORIGINAL_LICENSE = "mit"  # hp-l33/AiM's, for its released weights
 ORIGINAL_REPOS = {"AiM-B": "hp-l33/aim-base", "AiM-L": "hp-l33/aim-large", "AiM-XL": "hp-l33/aim-xlarge"}
 # The hub has no class-conditional task; class-conditional ImageNet generators are filed under
 # unconditional generation (there is no free-text prompt, so text-to-image would mislead).
@@ -72,12 +75,37 @@ def example_labels(pipeline: AiMPipeline) -> list[str | int]:
     return [first if isinstance(first, str) else first[0]]
 
 
-def make_model_card(pipeline: AiMPipeline, repo_id: str, constant: str | None = None) -> ModelCard:
+def check_card_args(license: str | None, base_model: str | None) -> None:
+    """Refuse what the hub's card metadata cannot hold, before anything is saved or uploaded."""
+    if license is not None and (not isinstance(license, str) or not license.strip()):
+        raise ValueError(f"license must be a hub license id such as 'mit' or 'apache-2.0', got {license!r}")
+    if base_model is not None:
+        try:
+            validate_repo_id(base_model)
+        except HFValidationError:
+            raise ValueError(
+                f"base_model must be a hub repo id such as 'hp-l33/aim-base', got {base_model!r}"
+            ) from None
+
+
+def make_model_card(
+    pipeline: AiMPipeline,
+    repo_id: str,
+    constant: str | None = None,
+    license: str | None = None,
+    base_model: str | None = None,
+) -> ModelCard:
     """The card of ``pipeline`` published as ``repo_id`` (a hub repo id or a local path); the
     usage snippet loads from ``constant`` instead where given, a module's constant naming the
-    folder (``"aim_hf.cli.DEFAULT_MODEL"``) for a pipeline shipped inside a package."""
+    folder (``"aim_hf.cli.DEFAULT_MODEL"``) for a pipeline shipped inside a package.
+
+    ``license`` (a hub license id) is the weights' owner's to choose: by default the original's
+    MIT for converted released weights, and none for others. ``base_model`` is the hub repo these
+    weights were fine-tuned from (the card then claims none of the original's figures)."""
+    check_card_args(license, base_model)
     config = pipeline.aim.config
-    preset = released_preset(pipeline)
+    # fine-tuned weights are no longer the release the paper evaluated
+    preset = released_preset(pipeline) if base_model is None else None
     imagenet = pipeline.class_names is IMAGENET_CLASSES  # not a model of 1000 classes of its own
     eval_results = None
     if preset is not None:
@@ -95,7 +123,8 @@ def make_model_card(pipeline: AiMPipeline, repo_id: str, constant: str | None = 
             )
         ]
     data = ModelCardData(
-        license="mit",
+        license=license or (ORIGINAL_LICENSE if preset is not None else None),
+        base_model=base_model,
         library_name=LIBRARY_NAME,
         pipeline_tag=PIPELINE_TAG,
         tags=[*TAGS, f"arxiv:{PAPER_ID}"] + (["imagenet"] if imagenet else []),
@@ -121,6 +150,8 @@ def make_model_card(pipeline: AiMPipeline, repo_id: str, constant: str | None = 
         'Class labels are ids or class names; `output_type` is `"pil"`, `"np"` or `"pt"`; '
         "`generator` may be one `torch.Generator` per image.",
     ]
+    if base_model is not None:
+        sections += ["## Training", f"Fine-tuned from [{base_model}](https://huggingface.co/{base_model})."]
     if preset is not None:
         sections += [
             "## Original weights",

@@ -25,7 +25,7 @@ from huggingface_hub import create_repo, upload_folder
 
 from . import hub
 from .labels import IMAGENET_CLASSES, ClassNameError, get_label_ids
-from .model_card import make_model_card
+from .model_card import check_card_args, make_model_card
 from .modeling_aim import AiMForImageGeneration
 from .tokenizer import decode_codes
 
@@ -118,22 +118,27 @@ class AiMPipeline(DiffusionPipeline):
         max_shard_size: int | str | None = None,
         push_to_hub: bool = False,
         repo_id: str | None = None,
+        license: str | None = None,
+        base_model: str | None = None,
         **kwargs,
     ) -> None:
         """Save the components as safetensors, model_index.json and a model card README.md.
 
         Everything is written to a temporary folder inside ``save_directory`` and renamed into
         place, model_index.json last, so no file is ever half-written. ``repo_id`` names the repo
-        in the card's usage snippet (default: ``save_directory``); with ``push_to_hub`` the
+        in the card's usage snippet (default: ``save_directory``); ``license`` and ``base_model``
+        go into the card (:func:`~aim_hf.model_card.make_model_card`); with ``push_to_hub`` the
         pipeline is also uploaded there (``kwargs`` go to :meth:`push_to_hub`)."""
         _check_save_args(safe_serialization, variant)
+        card = make_model_card(
+            self, repo_id or os.fspath(save_directory), license=license, base_model=base_model
+        )
         target = Path(save_directory)
         target.mkdir(parents=True, exist_ok=True)
         for stale in target.glob(".saving-*"):  # staging left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=target, prefix=".saving-") as staging:
             super().save_pretrained(staging, variant=variant, max_shard_size=max_shard_size)
-            card = make_model_card(self, repo_id or os.fspath(save_directory))
             card.save(os.path.join(staging, "README.md"))
             for stale in _stale_weights(Path(staging), target, variant):
                 stale.unlink()
@@ -141,7 +146,14 @@ class AiMPipeline(DiffusionPipeline):
                 _keep_plain_dtype(Path(staging), target)
             _move_into(Path(staging), target, last="model_index.json")
         if push_to_hub:
-            self.push_to_hub(repo_id or target.name, variant=variant, max_shard_size=max_shard_size, **kwargs)
+            self.push_to_hub(
+                repo_id or target.name,
+                variant=variant,
+                max_shard_size=max_shard_size,
+                license=license,
+                base_model=base_model,
+                **kwargs,
+            )
 
     def push_to_hub(
         self,
@@ -153,12 +165,23 @@ class AiMPipeline(DiffusionPipeline):
         safe_serialization: bool = True,
         variant: str | None = None,
         max_shard_size: int | str | None = None,
+        license: str | None = None,
+        base_model: str | None = None,
     ) -> str:
-        """Upload the pipeline and its model card (usage snippet loading ``repo_id``) to the hub."""
+        """Upload the pipeline and its model card (usage snippet loading ``repo_id``; ``license``
+        and ``base_model`` as in :meth:`save_pretrained`) to the hub."""
         _check_save_args(safe_serialization, variant)
+        check_card_args(license, base_model)
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, variant=variant, max_shard_size=max_shard_size, repo_id=repo_id)
+            self.save_pretrained(
+                folder,
+                variant=variant,
+                max_shard_size=max_shard_size,
+                repo_id=repo_id,
+                license=license,
+                base_model=base_model,
+            )
             return upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
