@@ -61,11 +61,11 @@ def add_to_cache(cache: Path, repo_id: str, folder: Path) -> None:
     (repo / "refs" / "main").write_text(commit)
 
 
-def write_hub_mixin(folder: Path, stage2: dict, vq: dict) -> Path:
+def write_hub_mixin(folder: Path, stage2: dict, vq: dict, vq_prefix: str = "vqvae.") -> Path:
     """hp-l33/aim-* layout: original config.json and one float32 model.safetensors."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"mamba.{k}": v for k, v in stage2.items() if k != "lm_head.weight"}
-    tensors.update({f"vqvae.{k}": v for k, v in vq.items()})
+    tensors.update({f"{vq_prefix}{k}": v for k, v in vq.items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
     config = {
         "d_model": 32, "n_layer": 4, "d_intermediate": 0, "vocab_size": 64, "ssm_cfg": {"layer": "Mamba2"},
@@ -195,6 +195,9 @@ def test_local_original_folders(tmp_path, stage2_b):
     stage2, vq = original_stage2(seed=6), original_vq()
     folder = write_hub_mixin(tmp_path / "mixin", stage2, vq)
     assert_same_generation(AiMPipeline.from_pretrained(folder), build_pipeline(stage2, vq))
+    # early versions of the original named the tokenizer "vq_vae." (load_original took them; the pipeline did not)
+    legacy = write_hub_mixin(tmp_path / "legacy", stage2, vq, vq_prefix="vq_vae.")
+    assert_same_generation(AiMPipeline.from_pretrained(legacy), build_pipeline(stage2, vq))
     release = tmp_path / "release"
     release.mkdir()
     torch.save(stage2_b, release / "aim_b.bin")

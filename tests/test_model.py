@@ -5,7 +5,7 @@ import functools
 import pytest
 import torch
 from conftest import randomize, tiny_config
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
 from aim_hf import AiMConfig, AiMForImageGeneration
 from aim_hf.conversion import regroup_adaln
@@ -49,6 +49,15 @@ def test_preset_parameter_counts(name, millions):
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**kwargs)
+
+
+def test_validate_runs_the_checks_of_transformers_too(monkeypatch):
+    """AiMConfig.validate overrides the one transformers calls before saving: it must still run
+    transformers' own checks of the common settings (output_attentions, token ids, ...)."""
+    config, seen = tiny_config(), []
+    monkeypatch.setattr(PreTrainedConfig, "validate", lambda self: seen.append(self), raising=False)
+    config.validate()
+    assert seen == [config]
 
 
 def test_overrides_of_a_saved_config_are_checked(tmp_path):

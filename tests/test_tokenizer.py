@@ -20,6 +20,7 @@ from diffusers import VQModel
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from aim_hf.data import load_vq
 from aim_hf.tokenizer import (
     convert_llamagen_vq_state_dict,
     decode_batch_size,
@@ -352,9 +353,9 @@ def test_conversion_errors_name_the_key() -> None:
         convert_llamagen_vq_state_dict(
             {**sd, "encoder.conv_in.weight": torch.zeros(32, 4, 3, 3)}, SMALL_CONFIG
         )
-    # The small checkpoint does not fit the full-size config.
+    # The small checkpoint does not fit the full-size config (the default reads it from the weights).
     with pytest.raises(ValueError, match="shape"):
-        convert_llamagen_vq_state_dict(sd)
+        convert_llamagen_vq_state_dict(sd, llamagen_vq_config())
 
 
 # ---------------------------------------------------------------- loading from files
@@ -374,6 +375,25 @@ def test_load_from_torch_pickle_and_safetensors(tmp_path, small_pair: tuple[RefV
         assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
+def test_tokenizers_of_other_sizes_load_without_a_config(tmp_path, small_pair: tuple[RefVQ, VQModel]) -> None:
+    """The config is read from the weights: ``load_vq`` (prepare_codes.py --tokenizer, sample_fid.py
+    --vqvae) took only VQ-f16's full size. Early AiM checkpoints keep the tokenizer under "vq_vae."."""
+    ref, vq = small_pair
+    sd = ref.state_dict()
+    torch.save({"model": sd}, tmp_path / "small.pt")
+    legacy = {f"vq_vae.{k}": v.contiguous() for k, v in sd.items()}
+    save_file({**legacy, "mamba.lm_head.weight": torch.zeros(2, 2)}, str(tmp_path / "legacy.safetensors"))
+    expected = vq.state_dict()
+    for loaded in (
+        load_llamagen_vq(tmp_path / "small.pt"),
+        load_vq(tmp_path / "small.pt"),
+        load_vq(tmp_path / "legacy.safetensors"),
+    ):
+        assert tuple(loaded.config.block_out_channels) == tuple(SMALL_CONFIG["block_out_channels"])
+        state = loaded.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+
+
 def test_load_errors_name_the_file(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         load_llamagen_vq(tmp_path / "nowhere.pt")
@@ -386,8 +406,10 @@ def test_load_errors_name_the_file(tmp_path) -> None:
         load_llamagen_vq(tmp_path / "list.pt")
     wrong = tmp_path / "wrong.pt"
     torch.save({"model": {"encoder.foo.weight": torch.zeros(1)}}, wrong)
-    with pytest.raises(ValueError, match=r"wrong\.pt.*encoder\.foo\.weight"):
+    with pytest.raises(ValueError, match=r"wrong\.pt: missing key .*expected a LlamaGen VQ tokenizer"):
         load_llamagen_vq(wrong)
+    with pytest.raises(ValueError, match=r"wrong\.pt.*encoder\.foo\.weight"):
+        load_llamagen_vq(wrong, SMALL_CONFIG)
 
 
 # ---------------------------------------------------------------- encode/decode on tiny VQModels

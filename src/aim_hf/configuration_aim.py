@@ -156,7 +156,11 @@ class AiMConfig(PretrainedConfig):
         return self.num_classes
 
     def validate(self) -> None:
-        """A ValueError naming the first bad setting and what is allowed."""
+        """A ValueError naming the first bad setting and what is allowed, after transformers' own
+        checks of the common settings (its ``validate``, where the installed version has one)."""
+        common = getattr(super(), "validate", None)
+        if common is not None:
+            common()
         positive = (
             "vocab_size", "num_classes", "num_tokens", "hidden_size", "num_hidden_layers",
             "adaln_groups", "state_size", "expand", "head_dim", "n_groups", "conv_kernel", "chunk_size",

@@ -81,18 +81,16 @@ _LEGACY_NAMES = (("vq_vae.", "vqvae."), ("shared_adaln", "adaln_group"), ("adaln
                  ("adaLN_parameters", "scale_shift_table"))  # fmt: skip
 
 
-def split_original(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(stage-2 weights without the "mamba." prefix, tokenizer weights without "vqvae."), with
-    the original's legacy parameter names brought up to date."""
-    stage2, vq = {}, {}
+def stage2_part(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stage-2 weights without their "mamba." prefix and with the original's legacy names
+    brought up to date; the tokenizer's ("vqvae.") are left to ``tokenizer.tokenizer_part``."""
+    stage2 = {}
     for key, value in state_dict.items():
         for old, new in _LEGACY_NAMES:
             key = key.replace(old, new)
-        if key.startswith("vqvae."):
-            vq[key[len("vqvae.") :]] = value
-        else:
+        if not key.startswith("vqvae."):
             stage2[key.removeprefix("mamba.")] = value
-    return stage2, vq
+    return stage2
 
 
 def _require(sd: Mapping[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
@@ -277,7 +275,7 @@ def load_original(
                 raise FileNotFoundError(f"{path}: no model.safetensors or .bin checkpoint in this folder")
             path, name = found, str(found)
         source = read_state_dict(path)
-    stage2, _ = split_original(source)
+    stage2 = stage2_part(source)
     config = infer_config(stage2, original_config, name)
     converted = convert_original_state_dict(stage2, config, name)
     with torch.device("meta"):

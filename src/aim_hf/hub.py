@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from .configuration_aim import AiMConfig
 from .conversion import load_original, read_state_dict
 from .modeling_aim import AiMForImageGeneration
-from .tokenizer import llamagen_vq_config, load_llamagen_vq, tokenizer_part
+from .tokenizer import TOKENIZER_PREFIXES, infer_llamagen_vq_config, load_llamagen_vq, tokenizer_part
 
 PIPELINE_INDEX = "model_index.json"
 HUB_MIXIN_FILES = ("config.json", "model.safetensors")
@@ -46,8 +46,6 @@ HUB_ARGUMENTS = ("cache_dir", "revision", "token", "local_files_only", "force_do
 COMPONENT_WEIGHTS = {"aim": "model.safetensors", "vqvae": "diffusion_pytorch_model.safetensors"}
 # What a variant may be called: it becomes part of file names (model.fp16.safetensors).
 _VARIANT = re.compile(r"[A-Za-z0-9_-]+")
-
-_VQ_PREFIX = "vqvae."
 
 
 @dataclass(frozen=True)
@@ -226,50 +224,6 @@ def check_codebook(num_codes: int, vocab_size: int, what: str) -> None:
         )
 
 
-def infer_llamagen_vq_config(state_dict: Mapping[str, torch.Tensor], name: str, grid_side: int = 16) -> dict:
-    """``VQModel`` kwargs of a LlamaGen VQ state dict (original key names), from its shapes.
-
-    Channel widths, depth, attention placement, latent and codebook sizes are read from the
-    weights; the group-norm size is LlamaGen's 32. ``grid_side`` codes per image side set the
-    nominal image size."""
-
-    def shape(key: str) -> torch.Size:
-        if key not in state_dict:
-            raise ValueError(f"{name}: missing key {key!r} (expected a LlamaGen VQ tokenizer state dict)")
-        return state_dict[key].shape
-
-    blocks = re.compile(r"encoder\.conv_blocks\.(\d+)\.res\.(\d+)\.")
-    found = [tuple(map(int, m.groups())) for key in state_dict if (m := blocks.match(key))]
-    levels = max((level for level, _ in found), default=-1) + 1
-    if levels == 0:
-        raise ValueError(f"{name}: missing key 'encoder.conv_blocks.0.res.0.conv1.weight'")
-    widths = tuple(shape(f"encoder.conv_blocks.{i}.res.0.conv1.weight")[0] for i in range(levels))
-
-    def has_attention(side: str, level: int) -> bool:
-        return any(key.startswith(f"{side}.conv_blocks.{level}.attn.") for key in state_dict)
-
-    codes, code_dim = shape("quantize.embedding.weight")
-    return llamagen_vq_config(
-        in_channels=shape("encoder.conv_in.weight")[1],
-        out_channels=shape("decoder.conv_out.weight")[0],
-        block_out_channels=widths,
-        layers_per_block=1 + max(layer for level, layer in found if level == 0),
-        down_block_types=tuple(
-            "AttnDownEncoderBlock2D" if has_attention("encoder", i) else "DownEncoderBlock2D"
-            for i in range(levels)
-        ),
-        up_block_types=tuple(
-            "AttnUpDecoderBlock2D" if has_attention("decoder", i) else "UpDecoderBlock2D"
-            for i in range(levels)
-        ),
-        latent_channels=shape("encoder.conv_out.weight")[0],
-        num_vq_embeddings=codes,
-        vq_embed_dim=code_dim,
-        mid_block_add_attention="encoder.mid.1.q.weight" in state_dict,
-        sample_size=grid_side * 2 ** (levels - 1),
-    )
-
-
 def check_pipeline_folder(
     folder: str | os.PathLike, variant: str | None = None, skip: tuple[str, ...] = ()
 ) -> None:
@@ -361,10 +315,11 @@ def _check_stored_shapes(weights: tuple[Path, list[Path]], expected: dict[str, t
         )
 
 
-def _tokenizer_part(weights: Path) -> dict[str, torch.Tensor]:
-    """The "vqvae." tensors of an original hub-mixin safetensors file, without the prefix."""
+def _tokenizer_part(weights: Path) -> Mapping[str, torch.Tensor]:
+    """The tokenizer's tensors of an original hub-mixin safetensors file, without their prefix
+    (read alone: the file holds the stage-2 model too)."""
     with safe_open(str(weights), framework="pt") as f:
-        return {k[len(_VQ_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(_VQ_PREFIX)}
+        return tokenizer_part({k: f.get_tensor(k) for k in f.keys() if k.startswith(TOKENIZER_PREFIXES)})
 
 
 def _read_json(path: Path) -> dict:

@@ -35,7 +35,8 @@ __all__ = [
     "tokenizer_part",
 ]
 
-_PREFIX = "vqvae."
+# AiM's combined checkpoints keep the tokenizer under "vqvae." ("vq_vae." in early versions)
+TOKENIZER_PREFIXES = ("vqvae.", "vq_vae.")
 
 # Original LlamaGen key -> diffusers VQModel key, one rule per module kind. The groups keep
 # the encoder/decoder side, block and layer numbers; the last group is the parameter name.
@@ -126,6 +127,52 @@ def _convert_key(key: str) -> tuple[str, bool] | None:
     return None
 
 
+def infer_llamagen_vq_config(state_dict: Mapping[str, torch.Tensor], name: str, grid_side: int = 16) -> dict:
+    """``VQModel`` kwargs of a LlamaGen VQ state dict (original key names), from its shapes.
+
+    Channel widths, depth, attention placement, latent and codebook sizes are read from the
+    weights; the group-norm size is LlamaGen's 32. ``grid_side`` codes per image side set the
+    nominal image size (LlamaGen's 16 codes a side: 256x256 images for VQ-f16)."""
+
+    def shape(key: str) -> torch.Size:
+        if key not in state_dict:
+            raise ValueError(f"{name}: missing key {key!r} (expected a LlamaGen VQ tokenizer state dict)")
+        return state_dict[key].shape
+
+    blocks = re.compile(r"encoder\.conv_blocks\.(\d+)\.res\.(\d+)\.")
+    found = [tuple(map(int, m.groups())) for key in state_dict if (m := blocks.match(key))]
+    levels = max((level for level, _ in found), default=-1) + 1
+    if levels == 0:
+        raise ValueError(
+            f"{name}: missing key 'encoder.conv_blocks.0.res.0.conv1.weight' (expected a LlamaGen VQ tokenizer state dict)"
+        )
+    widths = tuple(shape(f"encoder.conv_blocks.{i}.res.0.conv1.weight")[0] for i in range(levels))
+
+    def has_attention(side: str, level: int) -> bool:
+        return any(key.startswith(f"{side}.conv_blocks.{level}.attn.") for key in state_dict)
+
+    codes, code_dim = shape("quantize.embedding.weight")
+    return llamagen_vq_config(
+        in_channels=shape("encoder.conv_in.weight")[1],
+        out_channels=shape("decoder.conv_out.weight")[0],
+        block_out_channels=widths,
+        layers_per_block=1 + max(layer for level, layer in found if level == 0),
+        down_block_types=tuple(
+            "AttnDownEncoderBlock2D" if has_attention("encoder", i) else "DownEncoderBlock2D"
+            for i in range(levels)
+        ),
+        up_block_types=tuple(
+            "AttnUpDecoderBlock2D" if has_attention("decoder", i) else "UpDecoderBlock2D"
+            for i in range(levels)
+        ),
+        latent_channels=shape("encoder.conv_out.weight")[0],
+        num_vq_embeddings=codes,
+        vq_embed_dim=code_dim,
+        mid_block_add_attention="encoder.mid.1.q.weight" in state_dict,
+        sample_size=grid_side * 2 ** (levels - 1),
+    )
+
+
 def _expected_shapes(config: dict[str, Any]) -> dict[str, torch.Size]:
     """Parameter shapes of a ``VQModel`` with this config, built without allocating memory."""
     with torch.device("meta"):
@@ -134,11 +181,14 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, torch.Size]:
 
 
 def tokenizer_part(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    """The tokenizer's keys without their "vqvae." prefix where any key has it (AiM's combined
-    checkpoints), else the state dict as it is."""
-    if any(key.startswith(_PREFIX) for key in state_dict):
-        return {k[len(_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_PREFIX)}
-    return state_dict
+    """The tokenizer's keys without their "vqvae." (or "vq_vae.") prefix where any key has one
+    (AiM's combined checkpoints), else the state dict as it is."""
+    part = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in TOKENIZER_PREFIXES if key.startswith(p)), None)
+        if prefix is not None:
+            part[key[len(prefix) :]] = value
+    return part or state_dict
 
 
 def convert_llamagen_vq_state_dict(
@@ -148,11 +198,12 @@ def convert_llamagen_vq_state_dict(
 
     Keys may carry a "vqvae." prefix (AiM's combined checkpoints store the tokenizer that way);
     when any key does, only those keys are taken, so a whole AiM state dict can be passed.
-    ``config`` (``VQModel`` kwargs, default ``llamagen_vq_config()``) is what the result is
+    ``config`` (``VQModel`` kwargs, default: read from the weights' shapes) is what the result is
     checked against: every key must map, every expected key must be present, shapes must match.
     """
     state_dict = tokenizer_part(state_dict)
-    expected = _expected_shapes(config if config is not None else llamagen_vq_config())
+    config = config if config is not None else infer_llamagen_vq_config(state_dict, "LlamaGen VQ state dict")
+    expected = _expected_shapes(config)
 
     converted: dict[str, Tensor] = {}
     for key, tensor in state_dict.items():
@@ -191,19 +242,21 @@ def load_llamagen_vq(
 ) -> VQModel:
     """A ``VQModel`` holding LlamaGen VQ weights (``vq_ds16_c2i.pt``, a .safetensors file, or a dict).
 
-    The model is built on the meta device and takes the converted tensors as they are, so
-    loading costs no random initialisation; it is returned in eval mode.
+    ``config`` (``VQModel`` kwargs) defaults to the one read from the weights' shapes, so LlamaGen
+    tokenizers of other sizes load too. The model is built on the meta device and takes the
+    converted tensors as they are, so loading costs no random initialisation; it is returned in
+    eval mode.
     """
-    config = config if config is not None else llamagen_vq_config()
-    if isinstance(path_or_state_dict, dict):
-        converted = convert_llamagen_vq_state_dict(path_or_state_dict, config)
-    else:
-        path = os.fspath(path_or_state_dict)
-        state_dict = read_state_dict(path)
-        try:
-            converted = convert_llamagen_vq_state_dict(state_dict, config)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
+    name = None if isinstance(path_or_state_dict, dict) else os.fspath(path_or_state_dict)
+    state_dict = tokenizer_part(path_or_state_dict if name is None else read_state_dict(name))
+    if config is None:
+        config = infer_llamagen_vq_config(state_dict, name or "LlamaGen VQ state dict")
+    try:
+        converted = convert_llamagen_vq_state_dict(dict(state_dict), config)
+    except ValueError as err:
+        if name is None:
+            raise
+        raise ValueError(f"{name}: {err}") from err
     with torch.device("meta"):
         model = VQModel(**config)
     model.load_state_dict(converted, strict=True, assign=True)
