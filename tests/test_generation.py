@@ -1,6 +1,9 @@
 """Cached decoding, guidance, sampling filters, reproducibility and completion."""
 
+import copy
 import math
+import pickle
+import threading
 import types
 
 import numpy as np
@@ -278,6 +281,7 @@ def test_guidance_one_skips_the_unconditional_half():
         (dict(class_labels=[-1]), "class label -1"),
         (dict(class_labels=[]), "empty"),
         (dict(class_labels=[0.5]), "must be integers"),
+        (dict(class_labels=torch.tensor([[0], [1]])), r"one label per image \(1-D\), got shape \(2, 1\)"),
         (
             dict(class_labels=[0], guidance_scale=-1.0),
             r"guidance_scale must be a finite number >= 0 \(at most 1e\+30\), got -1.0",
@@ -313,6 +317,43 @@ def test_guidance_one_skips_the_unconditional_half():
 def test_bad_generation_input(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_model.generate(**kwargs)
+
+
+def test_generate_checks_the_config_and_where_the_weights_are(tiny_model):
+    """A setting changed after loading is checked before use (an int8 state ran and decoded other
+    codes), and a model split or offloaded by a device_map (weights on the meta device or on two
+    devices) is refused: decoding reads weights outside forward, where accelerate never moves them."""
+    model = copy.deepcopy(tiny_model)
+    model.config.state_dtype = "int8"
+    with pytest.raises(ValueError, match="state_dtype must be None or one of"):
+        model.generate([0])
+    model = copy.deepcopy(tiny_model)
+    model.model.norm_f.weight = torch.nn.Parameter(torch.empty_like(model.model.norm_f.weight, device="meta"))
+    with pytest.raises(
+        ValueError, match=r"every weight on one device, got \['cpu', 'meta'\].*without device_map"
+    ):
+        model.generate([0])
+
+
+def test_graph_decoder_is_not_copied_and_is_freed_by_a_move(tiny_model):
+    """A model that sampled on CUDA keeps its CUDA-graph decoder: deepcopy and pickle failed on
+    its graphs, and .cpu() (an offload hook) left its cache and graphs on the GPU."""
+    model = copy.deepcopy(tiny_model)
+    model._graph_decoder = threading.Lock()  # stands for the graphs, which cannot be copied either
+    clone = copy.deepcopy(model)
+    assert getattr(clone, "_graph_decoder", None) is None and model._graph_decoder is not None
+    pickle.dumps(model)
+    model.to(torch.float64)
+    assert model._graph_decoder is None
+
+
+def test_training_mode_samples_alike(tiny_model):
+    """generate of a model in training mode, gradient checkpointing on, gives the eval codes."""
+    model = copy.deepcopy(tiny_model).train()
+    model.gradient_checkpointing_enable()
+    expected = tiny_model.generate([0, 3], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.generate([0, 3], generator=torch.Generator().manual_seed(0)), expected)
+    assert model.training
 
 
 def test_memory_held_by_the_allocator_counts_as_free(tiny_model, monkeypatch):

@@ -8,7 +8,7 @@ from importlib import resources
 import pytest
 import torch
 
-from aim_hf.labels import IMAGENET_CLASSES, get_label_ids, load_imagenet_classes
+from aim_hf.labels import IMAGENET_CLASSES, ClassNameError, get_label_ids, load_imagenet_classes
 
 
 def test_imagenet_data_file() -> None:
@@ -21,7 +21,7 @@ def test_imagenet_data_file() -> None:
         entry and all(isinstance(n, str) and n.strip() == n and n for n in entry)
         for entry in IMAGENET_CLASSES
     )
-    assert load_imagenet_classes() is IMAGENET_CLASSES  # cached
+    assert load_imagenet_classes() == IMAGENET_CLASSES
     # Well-known anchors of the standard index order.
     assert IMAGENET_CLASSES[0][0] == "tench"
     assert IMAGENET_CLASSES[1][0] == "goldfish"
@@ -59,6 +59,8 @@ def test_unknown_name_suggests_close_matches() -> None:
         get_label_ids("golden retreiver")
     with pytest.raises(ValueError, match=r"unknown class name 'qwxz'$"):
         get_label_ids("qwxz")
+    with pytest.raises(ClassNameError, match=r"unknown class name '²'"):  # a digit int() refuses
+        get_label_ids(["²"], IMAGENET_CLASSES)
 
 
 @pytest.mark.parametrize("bad", [1000, -1, [0, 1000], "1000"])

@@ -2,6 +2,7 @@
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 from conftest import randomize, tiny_config
@@ -10,7 +11,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig
 from aim_hf import AiMConfig, AiMForImageGeneration
 from aim_hf.conversion import regroup_adaln
 from aim_hf.mamba2 import LayerCache, ssd_chunk_scan, ssm_dual_step, ssm_step
-from aim_hf.modeling_aim import AiMCache
+from aim_hf.modeling_aim import AiMCache, AiMOutput
 
 # float64 everywhere: rounding is ~1e-16 per operation, so 1e-10 leaves room for a few thousand
 # accumulated operations and still catches any real mistake (those are O(1e-2) or larger).
@@ -44,11 +45,38 @@ def test_preset_parameter_counts(name, millions):
         ),
         ({"default_guidance_scale": -1.0}, r"default_guidance_scale must be a finite number >= 0 .*got -1.0"),
         ({"default_guidance_scale": float("nan")}, "default_guidance_scale"),
+        ({"class_dropout_prob": None}, "class_dropout_prob must be in"),  # were TypeErrors
+        ({"class_dropout_prob": "0.1"}, "class_dropout_prob must be in"),
+        # derived values: transformers set them after dumping the config, then an AttributeError
+        ({"num_heads": 8}, r"\['num_heads'\] are derived .* set those instead"),
+        ({"intermediate_size": 64, "null_class": 3}, r"\['intermediate_size', 'null_class'\] are derived"),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**kwargs)
+
+
+def test_numpy_guidance_is_a_plain_number_in_the_config(tmp_path):
+    config = tiny_config(default_guidance_scale=np.float32(1.5))
+    assert type(config.default_guidance_scale) is float and config.default_guidance_scale == 1.5
+    config.save_pretrained(tmp_path)
+    assert AiMConfig.from_pretrained(tmp_path).default_guidance_scale == 1.5
+
+
+def test_return_dict_and_embeddings_as_transformers_models_have_them():
+    """forward falls back on config.return_dict, as transformers models do (it was ignored); the
+    embedding accessors are transformers' own (EmbeddingAccessMixin), no copies of them."""
+    model = AiMForImageGeneration(tiny_config(return_dict=False))
+    codes = torch.randint(0, 37, (2, 4))
+    out = model(input_ids=codes, class_labels=torch.tensor([0, 1]), labels=codes)
+    assert isinstance(out, tuple) and len(out) == 2 and out[0].dim() == 0 and out[1].shape == (2, 4, 37)
+    assert isinstance(model(input_ids=codes, class_labels=torch.tensor([0, 1]), return_dict=True), AiMOutput)
+    assert model.get_input_embeddings() is model.model.embed_tokens
+    assert model.get_output_embeddings() is model.lm_head
+    new = torch.nn.Embedding(37, model.config.hidden_size)
+    model.set_input_embeddings(new)
+    assert model.model.embed_tokens is new
 
 
 def test_validate_runs_the_checks_of_transformers_too(monkeypatch):

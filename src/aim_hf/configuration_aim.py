@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .sampling import MAX_LOGIT_SCALE
+from .sampling import MAX_LOGIT_SCALE, is_real
 
 # Sizes of the released and paper models (SPEC §2). AiM-B used plain per-layer adaLN, which is
 # the grouped form with one group per layer.
@@ -55,7 +55,9 @@ class AiMConfig(PretrainedConfig):
         use_mamba_kernels: use mamba-ssm / causal-conv1d kernels when installed and on CUDA.
         use_triton_kernels: on CUDA, decode with this package's Triton step kernels (triton_ssm:
             conv, recurrent and dual SSM updates; triton_sampling: the draw, with top-k and top-p
-            for up to 16384 codes); without them "auto" keeps the recurrent cache.
+            for up to 16384 codes) in the CUDA-graph decoder and the dual form (the eager loop's
+            recurrent steps take mamba-ssm's where installed); without them "auto" keeps the
+            recurrent cache.
         use_projection_kernels: on CUDA, decoding steps run in_proj and out_proj as
             ``triton_gemv`` matrix-vector products instead of cuBLAS: the CUDA-graph decoder's
             as ``fast_decode.FusedStep`` (three kernels a layer) up to 32 rows (batch 16 with
@@ -130,13 +132,22 @@ class AiMConfig(PretrainedConfig):
         self.use_cuda_graphs = use_cuda_graphs
         self.state_dtype = state_dtype
         self.decode_cache = decode_cache
-        self.default_guidance_scale = default_guidance_scale
+        # a NumPy float is taken as the number it is (config.json holds plain numbers)
+        self.default_guidance_scale = (
+            float(default_guidance_scale) if is_real(default_guidance_scale) else default_guidance_scale
+        )
         self.initializer_range = initializer_range
+        derived = sorted(set(kwargs) & {"intermediate_size", "num_heads", "null_class"})
+        if derived:
+            raise ValueError(
+                f"AiMConfig: {derived} are derived (intermediate_size = expand * hidden_size, num_heads = "
+                "intermediate_size // head_dim, null_class = num_classes); set those instead"
+            )
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate()
 
     @classmethod
-    def from_dict(cls, config_dict: dict, **kwargs):
+    def from_dict(cls, config_dict: dict, **kwargs) -> AiMConfig | tuple[AiMConfig, dict]:
         """transformers sets ``from_pretrained``'s overrides (``state_dtype="int8"``) after
         ``__init__``: they are checked here, as ``save_pretrained`` checks before it writes."""
         result = super().from_dict(config_dict, **kwargs)
@@ -184,16 +195,12 @@ class AiMConfig(PretrainedConfig):
             raise ValueError(
                 f"AiMConfig: num_heads={self.num_heads} is not divisible by n_groups={self.n_groups}"
             )
-        if not 0.0 <= self.class_dropout_prob < 1.0:
+        if not is_real(self.class_dropout_prob) or not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(
                 f"AiMConfig.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}"
             )
         guidance = self.default_guidance_scale
-        if (
-            isinstance(guidance, bool)
-            or not isinstance(guidance, int | float)
-            or not 0 <= guidance <= MAX_LOGIT_SCALE
-        ):
+        if not is_real(guidance) or not 0 <= guidance <= MAX_LOGIT_SCALE:
             raise ValueError(
                 f"AiMConfig.default_guidance_scale must be a finite number >= 0 (at most {MAX_LOGIT_SCALE:g}), "
                 f"got {guidance!r}"

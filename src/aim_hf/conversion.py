@@ -235,9 +235,11 @@ def regroup_adaln(model: AiMForImageGeneration, groups: int) -> AiMForImageGener
         for i in range(n):
             bias[i] += sd.pop(f"model.layers.{i}.adaln_table").reshape(3 * d)
     sd["model.adaln.weight"], sd["model.adaln.bias"] = weight.flatten(0, 1), bias.flatten()
-    new = AiMForImageGeneration(new_config).to(dtype=model.dtype, device=model.device)
-    new.load_state_dict(sd, strict=False)
-    return new.eval() if not model.training else new
+    with torch.device("meta"):  # no random initialisation: every weight comes from the old model
+        new = AiMForImageGeneration(new_config)
+    new.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True, assign=True)
+    new.tie_weights()
+    return new.train(model.training)
 
 
 def load_original(

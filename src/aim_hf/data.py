@@ -1,5 +1,5 @@
 """Codes datasets: the image views that get tokenised, checks of image and codes datasets, the
-collator that feeds them to ``transformers.Trainer``, and atomic writes.
+collator that feeds them to ``transformers.Trainer``, and the loaders of the scripts' models.
 
 A codes dataset (``scripts/prepare_codes.py`` writes one) has a ``codes`` column of int16 VQ
 indices, ``num_tokens`` per row in raster order, and a ``label`` column of class ids. Each

@@ -11,13 +11,11 @@ import difflib
 import json
 import operator
 from collections.abc import Iterable, Sequence
-from functools import cache
 from importlib import resources
 
 __all__ = ["IMAGENET_CLASSES", "ClassNameError", "get_label_ids", "load_imagenet_classes"]
 
 
-@cache
 def load_imagenet_classes() -> list[list[str]]:
     """The 1000 ImageNet classes in index order, each a list of names (main name first)."""
     text = resources.files("aim_hf").joinpath("data/imagenet_classes.json").read_text(encoding="utf-8")
@@ -66,7 +64,7 @@ def _name_to_id(
         raise ClassNameError(
             f"class name {label!r} is ambiguous: it names classes {choices}; pass the class id instead"
         )
-    if key.isdigit():  # e.g. "207" from a command line
+    if key.isdecimal():  # e.g. "207" from a command line (isdigit() takes "²", which int() refuses)
         return _check_id(int(key), len(names))
     close = difflib.get_close_matches(key, list(every), n=5, cutoff=0.6)
     if close:

@@ -3,8 +3,10 @@
 Parameter names are those of mamba-ssm's ``Mamba2`` so original weights load unchanged. The pure
 path is the reference: whole sequences go through a chunked scan (the SSD form); decoding steps
 the conv window and either the recurrent state or the dual form's history (``LayerCache``). All
-accumulate in float32 for half-precision inputs and keep float64 in float64. On CUDA the decoding
-step runs this package's Triton kernels (``triton_ssm``), each tested against its reference here.
+accumulate in float32 for half-precision inputs and keep float64 in float64. On CUDA a decoding
+step of the recurrent state runs mamba-ssm's kernels where installed (the eager loop) and this
+package's Triton kernels (``triton_ssm``) otherwise, the dual form and compiled steps always the
+latter; each is tested against its reference here.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from .configuration_aim import CACHE_FORMS, AiMConfig
 from .mamba2 import GatedRMSNorm, LayerCache, Mamba2Mixer, compute_dtype
 from .memory import free_memory
 from .sampling import check_sampling_args, draw_uniforms, filter_logits, guide, sample_inverse_cdf
+
+if TYPE_CHECKING:
+    from .fast_decode import CUDAGraphDecoder
 
 
 @dataclass
@@ -59,13 +63,12 @@ def _integer_tensor(value: object) -> bool:
 
 
 class AiMCache:
-    """Everything decoding keeps for one batch, every layer stacked, allocated once per generation.
+    """Everything decoding keeps for one batch, every layer stacked: allocated once per generation
+    by the eager loop, kept across calls of the same shapes by the CUDA-graph decoder.
 
     ``form`` is the SSM's memory (``mamba2.LayerCache``): "recurrent", the state (b, h, p, n) per
     layer, or "dual", the history of the quadratic form for ``config.num_tokens + 1`` positions.
     """
-
-    FORMS = CACHE_FORMS
 
     def __init__(
         self,
@@ -75,8 +78,8 @@ class AiMCache:
         device: torch.device | str,
         form: str = "recurrent",
     ):
-        if form not in self.FORMS:
-            raise ValueError(f"unknown cache form {form!r}; allowed: {self.FORMS}")
+        if form not in CACHE_FORMS:
+            raise ValueError(f"unknown cache form {form!r}; allowed: {CACHE_FORMS}")
         self.form = form
         self.length = torch.zeros((), dtype=torch.long, device=device)
         shapes = self.shapes(config, batch_size, form)
@@ -344,15 +347,6 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -383,9 +377,10 @@ class AiMForImageGeneration(AiMPreTrainedModel):
                 labels.flatten().to(logits.device, torch.long),
                 ignore_index=IGNORE_INDEX,
             )
-        if return_dict is False:
-            return (loss, logits) if loss is not None else (logits,)
-        return AiMOutput(loss=loss, logits=logits)
+        output = AiMOutput(loss=loss, logits=logits)
+        return (
+            output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+        )
 
     # ---- input checks ----
     def check_codes(self, codes: torch.Tensor, name: str, max_length: int) -> None:
@@ -426,10 +421,12 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         labels = labels.reshape(1) if labels.dim() == 0 else labels
         if labels.numel() == 0:
             raise ValueError("class_labels is empty: at least one image must be asked for")
-        if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        if labels.dim() != 1:
             raise ValueError(
-                f"class_labels must be integers, got dtype {labels.dtype} and shape {tuple(labels.shape)}"
+                f"class_labels must be one label per image (1-D), got shape {tuple(labels.shape)}"
             )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
         allowed = self.config.num_classes + (1 if batch_size is not None else 0)
         if labels.min() < 0 or labels.max() >= allowed:
             bad = labels[(labels < 0) | (labels >= allowed)][0].item()
@@ -461,7 +458,8 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         generator: a torch.Generator, or one per image so that an image does not depend on the
             rest of the batch.
         prefix: (b, k) codes to continue (e.g. the top rows of an encoded image).
-        callback: called with the index of each code after it is sampled (progress bars).
+        callback: called with the index of each code after it is sampled (progress bars); for
+            a batch split into chunks, during the first chunk.
         max_batch_size: images decoded at once; larger batches run in chunks, with the same
             results since every image's uniforms are drawn before the split. Default: on CUDA,
             what fits in the device's free memory (``max_batch_size_for``); on the CPU, all.
@@ -471,9 +469,10 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         guidance_scale, temperature, top_k, top_p = check_sampling_args(
             guidance_scale, temperature, top_k, top_p, config.vocab_size
         )
+        config.validate()  # settings changed since loading (config.state_dtype = ...) are used here
         labels = self.check_labels(class_labels)
         batch = labels.numel()
-        device = self.device
+        device = self.weights_device()
         labels = labels.to(device)
         if prefix is None:
             prefix = torch.zeros(batch, 0, dtype=torch.long, device=device)
@@ -502,6 +501,31 @@ class AiMForImageGeneration(AiMPreTrainedModel):
             for i in range(0, batch, max_batch_size)
         ]  # fmt: skip
         return torch.cat(chunks)
+
+    def weights_device(self) -> torch.device:
+        """The one device decoding runs on: its steps read weights outside ``forward``, where
+        accelerate's hooks of a split or offloaded model (``device_map``) never move them."""
+        devices = {p.device for p in self.parameters()}
+        if len(devices) != 1 or next(iter(devices)).type == "meta":
+            raise ValueError(
+                f"generate needs every weight on one device, got {sorted(map(str, devices))} (a device_map "
+                "that splits or offloads the model): load it without device_map, or use "
+                "AiMPipeline.enable_model_cpu_offload()"
+            )
+        return next(iter(devices))
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the CUDA-graph decoder out (graphs cannot be copied; a copy
+        captures its own)."""
+        state = dict(super().__getstate__())
+        state.pop("_graph_decoder", None)
+        return state
+
+    def _apply(self, fn, *args, **kwargs):
+        """A move or cast (``.to``, ``.cpu()``, offload hooks) frees the CUDA-graph decoder, whose
+        cache and graphs belong to the old weights and would stay on the GPU."""
+        self._graph_decoder = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _sample(
         self,
@@ -573,7 +597,9 @@ class AiMForImageGeneration(AiMPreTrainedModel):
             return "dual" if rows >= DUAL_FROM_ROWS else "recurrent"
         return "recurrent"
 
-    def graph_decoder(self, batch: int, guidance_scale: float, temperature: float, top_k: int, top_p: float):
+    def graph_decoder(
+        self, batch: int, guidance_scale: float, temperature: float, top_k: int, top_p: float
+    ) -> CUDAGraphDecoder:
         """The CUDA-graph decoder for this setting; one is kept (its cache can be large) and
         rebuilt when the batch, the sampling settings, the config (e.g. ``state_dtype``,
         ``original_decode_positions``), the cache form or the weights' storage change."""
@@ -616,27 +642,20 @@ class AiMForImageGeneration(AiMPreTrainedModel):
             prefix = prefix.repeat(2, 1)
         device = prefix.device
         cache = AiMCache(config, labels.numel(), self.dtype, device, self.cache_form(labels.numel(), device))
-        was_training = self.training
-        self.eval()
-        try:
-            hidden = self.model(
-                prefix, labels, cache=cache, positions=self.model.decode_positions(0, start, device)
-            )
-            logits = self.lm_head(hidden[:, -1].to(self.lm_head.weight.dtype))
-            _, groups, final = self.model.condition(labels)
-            modulations = self.model.layer_modulations(groups)
-            codes = [prefix[:batch]]
-            for t in range(start, config.num_tokens):
-                step_logits = (
-                    guide(logits, guidance_scale) if guided else logits.to(compute_dtype(logits.dtype))
-                )
-                token = choose(t, step_logits)
-                codes.append(token[:, None])
-                if t + 1 < config.num_tokens:
-                    token = token.repeat(2) if guided else token
-                    position = self.model.decode_positions(t, 1, device).expand(token.shape[0])
-                    hidden = self.model.step(token, position, modulations, final, cache)
-                    logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
-        finally:
-            self.train(was_training)
+        hidden = self.model(
+            prefix, labels, cache=cache, positions=self.model.decode_positions(0, start, device)
+        )
+        logits = self.lm_head(hidden[:, -1].to(self.lm_head.weight.dtype))
+        _, groups, final = self.model.condition(labels)
+        modulations = self.model.layer_modulations(groups)
+        codes = [prefix[:batch]]
+        for t in range(start, config.num_tokens):
+            step_logits = guide(logits, guidance_scale) if guided else logits.to(compute_dtype(logits.dtype))
+            token = choose(t, step_logits)
+            codes.append(token[:, None])
+            if t + 1 < config.num_tokens:
+                token = token.repeat(2) if guided else token
+                position = self.model.decode_positions(t, 1, device).expand(token.shape[0])
+                hidden = self.model.step(token, position, modulations, final, cache)
+                logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         return torch.cat(codes, dim=1)

@@ -22,11 +22,11 @@ def check_sampling_args(
 ) -> tuple[float, float, int, float]:
     """The settings as Python numbers (NumPy scalars are accepted); a ValueError names the first
     bad one and its allowed range."""
-    if not _is_real(guidance_scale) or not 0 <= guidance_scale <= MAX_LOGIT_SCALE:
+    if not is_real(guidance_scale) or not 0 <= guidance_scale <= MAX_LOGIT_SCALE:
         raise ValueError(
             f"guidance_scale must be a finite number >= 0 (at most {MAX_LOGIT_SCALE:g}), got {guidance_scale!r}"
         )
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+    if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if max(guidance_scale, 1.0) / temperature > MAX_LOGIT_SCALE:
         raise ValueError(
@@ -35,12 +35,13 @@ def check_sampling_args(
         )
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k <= vocab_size:
         raise ValueError(f"top_k must be an integer in [0, {vocab_size}] (0 disables it), got {top_k!r}")
-    if not _is_real(top_p) or not 0 < top_p <= 1:
+    if not is_real(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
     return float(guidance_scale), float(temperature), int(top_k), float(top_p)
 
 
-def _is_real(value: object) -> bool:
+def is_real(value: object) -> bool:
+    """A real number (NumPy's too), not a bool, which Python counts as one."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
