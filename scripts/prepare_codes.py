@@ -17,6 +17,7 @@ shards exist, they are concatenated in order into OUTPUT and the work folder is 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -81,9 +82,12 @@ def load_images(args: argparse.Namespace) -> datasets.Dataset:
     if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
         dataset = datasets.load_from_disk(str(path))
     else:
-        dataset = datasets.load_dataset(
-            args.dataset, args.dataset_config, data_dir=args.data_dir, split=args.split
+        load = functools.partial(
+            datasets.load_dataset, args.dataset, args.dataset_config, data_dir=args.data_dir, split=args.split
         )
+        dataset = load()
+        if dataset.info.builder_name == "imagefolder" and args.label_column not in dataset.column_names:
+            dataset = load(drop_labels=False)  # it leaves labels out of a folder of one class (or none)
     if isinstance(dataset, datasets.DatasetDict):
         if args.split not in dataset:
             raise ValueError(f"split {args.split!r} not found; allowed: {sorted(dataset)}")
@@ -94,17 +98,25 @@ def load_images(args: argparse.Namespace) -> datasets.Dataset:
 class ShardViews(torch.utils.data.Dataset):
     """Rows of one shard -> (views (V, 3, H, W) in [-1, 1], label); runs in DataLoader workers."""
 
-    def __init__(self, rows: datasets.Dataset, args: argparse.Namespace):
+    def __init__(self, rows: datasets.Dataset, args: argparse.Namespace, first_row: int):
         self.rows = rows.select_columns([args.image_column, args.label_column])
         self.args = args
+        self.first_row = first_row
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        row = self.rows[index]
         a = self.args
-        views = image_views(row[a.image_column], a.image_size, a.augment, a.crop_range)
+        try:
+            row = self.rows[index]
+            views = image_views(row[a.image_column], a.image_size, a.augment, a.crop_range)
+        except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for a broken file
+            raw = self.rows.cast_column(a.image_column, datasets.Image(decode=False))[index][a.image_column]
+            where = f" ({raw['path']})" if raw.get("path") else ""
+            raise ValueError(
+                f"could not read the image of row {self.first_row + index}{where}: {err}"
+            ) from err
         return views_to_tensor(views), int(row[a.label_column])
 
 
@@ -113,11 +125,12 @@ def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, np.nda
 
 
 def encode_shard(
-    vq: torch.nn.Module, rows: datasets.Dataset, args: argparse.Namespace, codes_dtype: type
+    vq: torch.nn.Module, rows: datasets.Dataset, args: argparse.Namespace, codes_dtype: type, first_row: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (rows*V, num_tokens) and labels (rows*V,), image-major then view order."""
+    """Codes (rows*V, num_tokens) and labels (rows*V,), image-major then view order; ``first_row``
+    is the shard's first row in the source, for errors."""
     loader = DataLoader(
-        ShardViews(rows, args),
+        ShardViews(rows, args, first_row),
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         collate_fn=collate,
@@ -169,14 +182,15 @@ def shard_path(work: Path, index: int) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    output = Path(args.output)
+    output = Path(args.output).resolve()  # "." has no name to put the work folder beside
     work = output.with_name(output.name + ".work")
     # cpu: without a GPU, processes started by torchrun or accelerate launch find each other over gloo
     state = PartialState(cpu=not torch.cuda.is_available())
     if output.exists():
-        if (
-            output / SETTINGS_FILE
-        ).is_file():  # datasets written before it was recorded are taken as they are
+        if not (output / "state.json").is_file():
+            raise ValueError(f"{output} exists and is not a codes dataset; choose another --output")
+        # a dataset written before the settings were recorded is taken as it is
+        if (output / SETTINGS_FILE).is_file():
             check_plan(output, json.loads((output / SETTINGS_FILE).read_text()), settings(args))
         if work.exists() and state.is_main_process:
             shutil.rmtree(work)  # left by a run killed while deleting it, after OUTPUT was complete
@@ -225,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         vq.to(DTYPES[args.dtype])
     for k in tqdm(todo, desc="shards", disable=not state.is_local_main_process):
         rows = source.select(range(k * args.shard_size, min(len(source), (k + 1) * args.shard_size)))
-        codes, labels = encode_shard(vq, rows, args, codes_dtype)
+        codes, labels = encode_shard(vq, rows, args, codes_dtype, k * args.shard_size)
         shard = datasets.Dataset.from_dict({"codes": codes, "label": labels}, features=features)
         with atomic_path(shard_path(work, k)) as tmp:
             shard.save_to_disk(str(tmp))

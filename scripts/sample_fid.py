@@ -15,6 +15,7 @@ ADM reference .npz or an image folder), FID are computed and saved to OUTPUT/met
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -91,10 +92,21 @@ def png_path(folder: Path, index: int) -> Path:
     return folder / f"{index:06d}.png"
 
 
+def weights_digest(*models: torch.nn.Module) -> str:
+    """SHA-256 of the weights as loaded: a model retrained into the same folder is another model."""
+    digest = hashlib.sha256()
+    for model in models:
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def check_settings(folder: Path, settings: dict) -> None:
-    """Images already in ``folder`` must come from the same model and sampling settings."""
+    """Images already in ``folder`` must come from the same model and sampling settings (a setting
+    that a folder of an earlier version did not record is not compared)."""
     saved = json.loads((folder / "sampling.json").read_text())
-    changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    changed = {k: (saved[k], v) for k, v in settings.items() if k in saved and saved[k] != v}
     if changed:
         details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
         raise ValueError(
@@ -211,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU processes: gloo, as prepare_codes
     pipe = load_pipeline(args)
+    weights = weights_digest(pipe.aim, pipe.vqvae)  # as loaded, before the cast to --dtype
     guidance = (
         args.guidance_scale if args.guidance_scale is not None else pipe.aim.config.default_guidance_scale
     )
@@ -224,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     settings = {
         "model": str(Path(args.model).resolve()),
         "vqvae": str(Path(args.vqvae).resolve()) if args.vqvae else None,
+        "weights": weights,
         "base_seed": args.base_seed,
         "guidance_scale": guidance,
         "temperature": args.temperature,

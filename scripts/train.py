@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> AiMTrainer:
         remove_temporaries(args.output_dir, "model")  # a run killed while saving OUTPUT_DIR/model
     set_seed(args.seed)  # the initial weights
     train = load_codes(script.dataset, script)
+    batch = args.per_device_train_batch_size * args.world_size
+    if args.dataloader_drop_last and len(train) < batch:
+        raise ValueError(
+            f"--dataloader_drop_last with {len(train)} rows and batches of {batch} drops every row: "
+            "nothing would be trained"
+        )
     model = build_model(script, train)
     train = model_inputs(train, script, model.config)
     evaluation = None

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, DatasetDict, load_from_disk
 from diffusers import VQModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from PIL import Image
@@ -120,6 +120,10 @@ def vq_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_images(args: argparse.Namespace) -> Dataset:
     dataset = load_digits_dataset(args.resolution) if args.digits else load_from_disk(args.dataset)
+    if isinstance(dataset, DatasetDict):
+        raise SystemExit(
+            f"error: {args.dataset} holds splits {sorted(dataset)}; pass the folder of one split"
+        )
     if args.image_column not in dataset.column_names:
         raise SystemExit(
             f"error: no column {args.image_column!r} in the dataset (columns: {dataset.column_names})"

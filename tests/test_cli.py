@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -14,7 +16,8 @@ import torch
 from test_digits import tiny_digits_pipeline
 from test_hub import hub_cache  # noqa: F401 (fixture)
 
-from aim_hf.cli import DEFAULT_MODEL, MAX_DEFAULT_CLASSES, main
+from aim_hf.cli import DEFAULT_MODEL, MAX_DEFAULT_CLASSES, class_labels, main
+from aim_hf.labels import get_label_ids
 from aim_hf.training import resize_class_embedding
 
 SIDE = 32  # the embedded model draws 32x32 digits
@@ -44,6 +47,18 @@ def test_classes_by_id_name_comma_list_and_repeat(tmp_path):
     for row, digit in enumerate((1, 2, 7)):
         main(["--class", str(digit), "--num-images", "1", "--seed", str(5 + row), "--output", str(output)])
         assert np.array_equal(cells(output, 1, 1)[0, 0], by_list[row, 0])
+
+
+def test_class_names_with_commas():
+    """ImageNet has names like "crane, bird": a --class value that is a whole name is one class
+    (it was split, and the error suggested the very name it could not take)."""
+    names = ["crane, bird", "crane", "bird"]
+    pipe = SimpleNamespace(
+        aim=SimpleNamespace(config=SimpleNamespace(num_classes=3)),
+        get_label_ids=lambda labels: get_label_ids(labels, names),
+    )
+    parser = argparse.ArgumentParser()
+    assert class_labels(["crane, bird", "2,crane", " bird "], pipe, parser) == [0, 2, 1, 2]
 
 
 def test_image_i_uses_seed_plus_i(tmp_path):

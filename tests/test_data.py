@@ -151,6 +151,21 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
     assert np.array_equal(np.asarray(view), np.asarray(image_views(eight_bit, 4)[0]))
 
 
+def test_32_bit_and_float_images():
+    """PIL opens 16-bit PGMs and TIFFs as mode "I" (32-bit): they came out clipped to white. Values
+    within 0-255 stay 8-bit; floating-point images are refused (they came out black)."""
+    levels = np.array([[0, 3000, 30000, 65535]], dtype=np.int32).repeat(4, axis=0)
+    (view,) = image_views(Image.fromarray(levels, mode="I"), 4)
+    assert np.asarray(view)[0, :, 0].tolist() == [0, 12, 117, 255]
+    small = np.array([[0, 7, 200, 255]], dtype=np.int32).repeat(4, axis=0)
+    (view,) = image_views(Image.fromarray(small, mode="I"), 4)
+    assert np.asarray(view)[0, :, 0].tolist() == [0, 7, 200, 255]
+    with pytest.raises(ValueError, match="values up to 70000; allowed: 8 or 16 bits"):
+        image_views(Image.fromarray(np.full((4, 4), 70000, dtype=np.int32), mode="I"), 4)
+    with pytest.raises(ValueError, match="floating-point images .* not supported"):
+        image_views(Image.fromarray(np.zeros((4, 4), dtype=np.float32), mode="F"), 4)
+
+
 def test_views_to_tensor_range_and_layout():
     view = Image.fromarray(np.array([[[0, 255, 0]]], dtype=np.uint8))
     tensor = views_to_tensor([view])
@@ -176,6 +191,16 @@ def test_check_image_dataset_names_the_missing_or_bad_column(images_dir):
     strings = datasets.Dataset.from_dict({"image": ["a.png"], "label": [0]})
     with pytest.raises(ValueError, match="image column 'image' has type.*allowed: datasets.Image"):
         check_image_dataset(strings, "image", "label")
+    undecoded = dataset.cast_column("image", datasets.Image(decode=False))  # gave dicts to PIL later
+    with pytest.raises(
+        ValueError, match=r"has type Image\(.*decode=False.*allowed: datasets.Image \(decoded"
+    ):
+        check_image_dataset(undecoded, "image", "label")
+    # -1 marks the unlabelled rows of hub test splits: they were encoded, and only train.py refused them
+    unlabelled = dataset.select(range(4)).cast_column("label", datasets.Value("int64"))
+    unlabelled = unlabelled.map(lambda row, i: {"label": -1 if i % 2 else row["label"]}, with_indices=True)
+    with pytest.raises(ValueError, match="holds 0 missing and 2 negative labels; every row needs a class id"):
+        check_image_dataset(unlabelled, "image", "label")
 
 
 def codes_dataset(codes: list[list[int]], labels: list[int]) -> datasets.Dataset:
@@ -296,6 +321,31 @@ def test_prepare_codes_equals_direct_encoding(tmp_path, vq_dir, images_dir):
         expected = encode_images(vq, views_to_tensor(views))
         assert torch.equal(torch.tensor(codes[2 * i : 2 * i + 2]["codes"]), expected)
         assert codes[2 * i : 2 * i + 2]["label"] == [images[i]["label"]] * 2
+
+
+def test_prepare_codes_from_image_folders(tmp_path, vq_dir, capsys, monkeypatch):
+    """An image folder of one class got no label column from datasets' imagefolder (the error said
+    to name a label column); a broken file stopped the run with PIL's error alone, naming no file."""
+    folder = tmp_path / "photos" / "dogs"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    prepare = load_script("prepare_codes")
+    args = prepare_args(tmp_path / "photos", vq_dir, tmp_path / "codes")
+    assert prepare.main(args) == 0
+    codes = datasets.load_from_disk(str(tmp_path / "codes"))
+    assert codes.features["label"].names == ["dogs"] and codes["label"] == [0, 0, 0]
+
+    (folder / "1.png").write_bytes((folder / "1.png").read_bytes()[:30])  # truncated
+    with pytest.raises(ValueError, match=r"could not read the image of row 1 \(.*dogs/1\.png\)"):
+        prepare.main(prepare_args(tmp_path / "photos", vq_dir, tmp_path / "broken"))
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty exists and is not a codes dataset; choose another --output"):
+        prepare.main(prepare_args(tmp_path / "photos", vq_dir, tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path / "empty")  # "." was refused as "has an empty name"
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty'} exists and is not a codes dataset"):
+        prepare.main(prepare_args(tmp_path / "photos", vq_dir, Path(".")))
 
 
 def test_prepare_codes_rerun_into_a_finished_dataset_checks_its_settings(

@@ -11,6 +11,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from datasets import DatasetDict
 from diffusers import VQModel
 from PIL import Image
 from scipy.linalg import sqrtm
@@ -128,6 +129,11 @@ def test_train_vq_reduced_run(tmp_path):
              "--output", str(tmp_path / "vq2")]
         )  # fmt: skip
     assert not (tmp_path / "vq2").exists()
+    DatasetDict({"train": load_digits_dataset(16).select(range(4))}).save_to_disk(tmp_path / "splits")
+    with pytest.raises(SystemExit, match=r"splits holds splits \['train'\]; pass the folder of one split"):
+        load_script("train_vq").main(
+            ["--dataset", str(tmp_path / "splits"), "--output", str(tmp_path / "vq3")]
+        )
 
 
 @pytest.mark.parametrize(

@@ -212,6 +212,20 @@ def test_train_rejects_bad_input_before_training(workdir, tmp_path):
         train_script.main(without_config(train_args(workdir, output, "--preset", "AiM-XXL")))
     with pytest.raises(FileNotFoundError, match="--init_from .*nowhere does not exist"):
         train_script.main(train_args(workdir, output, "--init_from", str(tmp_path / "nowhere")))
+    rows = len(datasets.load_from_disk(str(workdir / "codes")))  # it saved an untrained model, 0 steps
+    with pytest.raises(
+        ValueError, match=f"--dataloader_drop_last with {rows} rows and batches of {rows + 1}"
+    ):
+        train_script.main(
+            train_args(
+                workdir,
+                output,
+                "--per_device_train_batch_size",
+                str(rows + 1),
+                "--dataloader_drop_last",
+                "true",
+            )
+        )
     with pytest.raises(ValueError, match="--remove_unused_columns must stay False"):
         train_script.main(train_args(workdir, output, "--remove_unused_columns", "true"))
     codes = datasets.load_from_disk(str(workdir / "codes"))
@@ -259,6 +273,21 @@ def test_samples_npz_and_per_image_resume(sampled):
     assert not list(sampled.glob(".*"))
     with pytest.raises(ValueError, match="other settings.*top_k: 0 then, 5 now"):
         sample_script.main(sample_args(sampled.parent, "--top-k", "5"))
+
+
+def test_samples_of_a_model_retrained_in_place_are_not_mixed(workdir, sampled, tmp_path):
+    """The model was known by its path only: training on into the same folder and sampling more
+    images into the same --output mixed the two models' images in one .npz."""
+    model = tmp_path / "model"
+    shutil.copytree(workdir / "run" / "model", model)
+    args = [*sample_args(workdir, "--model", str(model)), "--output", str(tmp_path / "samples")]
+    sample_script.main([*args, "--num-images", "2"])
+    retrained = AiMForImageGeneration.from_pretrained(model)
+    with torch.no_grad():
+        retrained.lm_head.weight.mul_(1.5)
+    retrained.save_pretrained(model)
+    with pytest.raises(ValueError, match="other settings .*weights: '[0-9a-f]{64}' then, '[0-9a-f]{64}' now"):
+        sample_script.main(args)
 
 
 def test_metrics_use_local_weights_and_the_reference(sampled, tmp_path, monkeypatch):

@@ -105,19 +105,28 @@ def check_output(path: str, parser: argparse.ArgumentParser) -> Path:
 
 
 def class_labels(values: list[str] | None, pipe: AiMPipeline, parser: argparse.ArgumentParser) -> list[int]:
-    """Class ids for the --class values (names or ids, comma lists); every class by default."""
+    """Class ids for the --class values (names or ids, comma lists; a value that is a whole class
+    name is taken as one, as ImageNet's "crane, bird"); every class by default."""
     num_classes = pipe.aim.config.num_classes
     if values is None:
         if num_classes > MAX_DEFAULT_CLASSES:
             parser.error(f"--class is required: the model has {num_classes} classes")
         return list(range(num_classes))
-    labels = [label.strip() for value in values for label in value.split(",")]
-    if "" in labels:
-        parser.error(f"--class: empty class label in {values}")
-    try:
-        return pipe.get_label_ids(labels)
-    except ValueError as err:
-        parser.error(f"--class: {err}")
+    ids = []
+    for value in values:
+        try:
+            ids += pipe.get_label_ids([value.strip()])
+            continue
+        except ValueError:
+            pass
+        labels = [label.strip() for label in value.split(",")]
+        if "" in labels:
+            parser.error(f"--class: empty class label in {value!r}")
+        try:
+            ids += pipe.get_label_ids(labels)
+        except ValueError as err:
+            parser.error(f"--class: {err}")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,10 +44,19 @@ AUGMENTATIONS: dict[str, int] = {"none": 1, "flip": 2, "ten-crop": 10}
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with 8 bits a channel. 16-bit grayscale (PIL's "I;16" modes, as 16-bit PNGs open) is
-    scaled down first: PIL's own conversion clips it at 255, turning most such images white."""
-    if image.mode.startswith("I;16"):
-        pixels = np.asarray(image, dtype=np.float64) / 257
+    """RGB with 8 bits a channel. 16-bit grayscale (PIL's "I;16" modes, as 16-bit PNGs open, and
+    "I" holding values above 255, as 16-bit PGMs and TIFFs open) is scaled down first: PIL's own
+    conversion clips it at 255, turning most such images white."""
+    if image.mode == "F":
+        raise ValueError(
+            "floating-point images (PIL mode 'F') are not supported; convert them to 8 or 16 bits"
+        )
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+            if pixels.max(initial=0) > 65535:
+                raise ValueError(f"integer image with values up to {pixels.max():.0f}; allowed: 8 or 16 bits")
+            pixels = pixels / 257
         image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
 
@@ -119,13 +128,20 @@ def check_image_dataset(dataset: datasets.Dataset, image_column: str, label_colu
     """Raise a ValueError unless ``dataset`` has an image column and an integer label column."""
     require_column(dataset, image_column, "image", "--image-column")
     require_column(dataset, label_column, "label", "--label-column")
-    if not isinstance(dataset.features[image_column], datasets.Image):
+    feature = dataset.features[image_column]
+    if not isinstance(feature, datasets.Image) or not feature.decode:
         raise ValueError(
-            f"image column {image_column!r} has type {dataset.features[image_column]}; allowed: datasets.Image"
+            f"image column {image_column!r} has type {feature}; allowed: datasets.Image (decoded, the default)"
         )
     _check_label_feature(dataset, label_column)
     if len(dataset) == 0:
         raise ValueError("the image dataset has no rows")
+    labels = _column(dataset, label_column)
+    if labels.null_count or pc.min(labels).as_py() < 0:  # e.g. -1, the unlabelled rows of hub test splits
+        raise ValueError(
+            f"label column {label_column!r} holds {labels.null_count} missing and "
+            f"{pc.sum(pc.less(labels, 0)).as_py() or 0} negative labels; every row needs a class id >= 0"
+        )
 
 
 def _column(dataset: datasets.Dataset, name: str) -> pa.ChunkedArray:
