@@ -1,6 +1,10 @@
 """GPU-only checks (run on the GPU machine): mamba-ssm kernels and the CUDA-graph decoder against
 the pure-PyTorch path and a float64 reference."""
 
+import copy
+import gc
+import io
+
 import pytest
 import torch
 from conftest import randomize
@@ -150,9 +154,32 @@ def test_graph_decoder_is_reused_and_reproducible(aim_b):
     decoder = model._graph_decoder
     graph = decoder.graph
     second = model.generate([1, 2, 3], guidance_scale=1.5, generator=gens())
-    aim_b.float()
-    assert model._graph_decoder is decoder and decoder.graph is graph
+    reused = model._graph_decoder is decoder and decoder.graph is graph
+    aim_b.float()  # a cast frees the decoder
+    assert reused
     assert torch.equal(first, second)
+
+
+def test_sampled_model_copies_without_its_decoder_and_a_move_frees_it(aim_b):
+    """deepcopy, pickle and torch.save failed on the CUDA graphs of a model that had sampled, and
+    .cpu() (an offload hook) left the decoder's cache and graphs on the GPU."""
+    model = aim_b.to(torch.bfloat16)
+    gens = lambda: [torch.Generator("cuda").manual_seed(s) for s in range(64)]  # noqa: E731
+    codes = model.generate(list(range(64)), guidance_scale=1.5, generator=gens())
+    assert model._graph_decoder is not None
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone.generate(list(range(64)), guidance_scale=1.5, generator=gens()), codes)
+    del clone
+    torch.save(model, io.BytesIO())
+    gc.collect()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    before = torch.cuda.memory_allocated()
+    model.cpu()
+    gc.collect()
+    freed = before - torch.cuda.memory_allocated()
+    aim_b.cuda().float()
+    torch.cuda.empty_cache()  # what was freed stays reserved otherwise, and tests below count free memory
+    assert model._graph_decoder is None and freed > 2 * weights, (freed, weights)
 
 
 def test_graph_decoder_is_rebuilt_when_the_config_changes(aim_b):
@@ -171,6 +198,7 @@ def test_large_batch_is_split_to_fit_memory(aim_b):
     """With only ~1.5 GiB free, 64 guided AiM-B images (about 2.5 GiB of cache) run in chunks."""
     model = aim_b
     model._graph_decoder = None
+    torch.cuda.empty_cache()  # memory reserved by earlier tests counts as free but may not fit a chunk
     free, _ = torch.cuda.mem_get_info()
     hog = torch.empty(free - int(1.5 * 2**30), dtype=torch.uint8, device="cuda")
     fits = model.max_batch_size_for(guided=True)

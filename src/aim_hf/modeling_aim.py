@@ -504,15 +504,16 @@ class AiMForImageGeneration(AiMPreTrainedModel):
 
     def weights_device(self) -> torch.device:
         """The one device decoding runs on: its steps read weights outside ``forward``, where
-        accelerate's hooks of a split or offloaded model (``device_map``) never move them."""
-        devices = {p.device for p in self.parameters()}
-        if len(devices) != 1 or next(iter(devices)).type == "meta":
-            raise ValueError(
-                f"generate needs every weight on one device, got {sorted(map(str, devices))} (a device_map "
-                "that splits or offloads the model): load it without device_map, or use "
-                "AiMPipeline.enable_model_cpu_offload()"
-            )
-        return next(iter(devices))
+        accelerate's hooks of a model split or offloaded by a ``device_map`` never move them."""
+        if getattr(self, "hf_device_map", None) is not None:  # dispatched by accelerate (0.5 ms to look)
+            devices = {p.device for p in self.parameters()}
+            if len(devices) != 1 or next(iter(devices)).type == "meta":
+                raise ValueError(
+                    f"generate needs every weight on one device, got {sorted(map(str, devices))} (a device_map "
+                    "that splits or offloads the model): load it without device_map, or use "
+                    "AiMPipeline.enable_model_cpu_offload()"
+                )
+        return self.lm_head.weight.device
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the CUDA-graph decoder out (graphs cannot be copied; a copy
