@@ -15,7 +15,6 @@ fails if the maximum relative error exceeds the tolerance.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from huggingface_hub import create_repo, upload_folder
 
 from aim_hf import AiMForImageGeneration, AiMPipeline, hub
-from aim_hf.conversion import load_original, read_state_dict
+from aim_hf.conversion import read_state_dict
 from aim_hf.files import atomic_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,10 +72,7 @@ def load_original_directly(source: hub.Source, model_size: str | None) -> AiMFor
     layout = hub.detect_format(source)
     if layout == "pipeline":
         raise ValueError(f"{source.location} is already a converted pipeline (it has {hub.PIPELINE_INDEX})")
-    if layout == "hub-mixin":
-        config = json.loads(source.fetch("config.json").read_text(encoding="utf-8"))
-        return load_original(source.fetch("model.safetensors"), original_config=config)
-    return load_original(source.fetch(hub.release_file(source, model_size)))
+    return hub.load_original_model(source, layout, model_size)
 
 
 @torch.no_grad()

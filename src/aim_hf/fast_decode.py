@@ -280,12 +280,8 @@ class CUDAGraphDecoder:
     def prefill(self, labels: torch.Tensor, prefix: torch.Tensor) -> None:
         """The forward over the class token and the prefix (labels with the unconditional half):
         fills the cache and its length (the step counter) and draws the first new code."""
-        model = self.model
         start = prefix.shape[1]
-        positions = model.model.decode_positions(0, start, prefix.device)
-        prefix_rows = prefix.repeat(2, 1) if self.guided else prefix
-        hidden = model.model(prefix_rows, labels, cache=self.cache, positions=positions)
-        logits = model.lm_head(hidden[:, -1].to(model.lm_head.weight.dtype))
+        logits = self.model.prefill(labels, prefix, self.cache)
         self.condition(labels)
         self.codes[:, start] = self.sample(logits, self.uniforms[:, start])
 

@@ -163,15 +163,11 @@ def release_file(source: Source, model_size: str | None) -> str:
     return name
 
 
-def load_original_components(
-    source: Source,
-    model_size: str | None = None,
-    vqvae: VQModel | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[AiMForImageGeneration, VQModel]:
-    """The stage-2 model and tokenizer of an original checkpoint (hub-mixin or release layout),
-    converted in memory. ``vqvae`` replaces the checkpoint's (or LlamaGen's) tokenizer."""
-    layout = detect_format(source)
+def load_original_model(
+    source: Source, layout: str, model_size: str | None = None, dtype: torch.dtype = torch.float32
+) -> AiMForImageGeneration:
+    """The stage-2 model of an original checkpoint whose ``layout`` (``detect_format``) is
+    "hub-mixin" or "release", converted in memory."""
     if layout == "pipeline":
         raise ValueError(f"{source.location} is a saved pipeline, not an original AiM checkpoint")
     if layout == "hub-mixin":
@@ -180,25 +176,37 @@ def load_original_components(
                 f"model_size={model_size!r} only chooses among hp-l33/aim's release files; "
                 f"{source.location} holds a single model"
             )
+        config = _read_json(source.fetch("config.json"))
+        return load_original(source.fetch("model.safetensors"), original_config=config, dtype=dtype)
+    return load_original(source.fetch(release_file(source, model_size)), dtype=dtype)
+
+
+def load_original_components(
+    source: Source,
+    layout: str,
+    model_size: str | None = None,
+    vqvae: VQModel | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[AiMForImageGeneration, VQModel]:
+    """The stage-2 model and tokenizer of an original checkpoint (``load_original_model``).
+    ``vqvae`` replaces the checkpoint's tokenizer (hub-mixin) or LlamaGen's (release)."""
+    aim = load_original_model(source, layout, model_size, dtype)
+    if vqvae is None and layout == "hub-mixin":
         weights = source.fetch("model.safetensors")
-        aim = load_original(weights, original_config=_read_json(source.fetch("config.json")), dtype=dtype)
-        if vqvae is None:
-            vq_state = _tokenizer_part(weights)
-            if not vq_state:
-                raise ValueError(f"{weights} holds no tokenizer weights ('vqvae.' keys); pass vqvae=")
-            vqvae = load_tokenizer(vq_state, str(weights), aim.config)
-    else:
-        aim = load_original(source.fetch(release_file(source, model_size)), dtype=dtype)
-        if vqvae is None:
-            llamagen = Source(
-                LLAMAGEN_REPO,
-                cache_dir=source.cache_dir,
-                token=source.token,
-                local_files_only=source.local_files_only,
-                force_download=source.force_download,
-            )
-            path = llamagen.fetch(LLAMAGEN_VQ_FILE)
-            vqvae = load_tokenizer(read_state_dict(path), str(path), aim.config)
+        vq_state = _tokenizer_part(weights)
+        if not vq_state:
+            raise ValueError(f"{weights} holds no tokenizer weights ('vqvae.' keys); pass vqvae=")
+        vqvae = load_tokenizer(vq_state, str(weights), aim.config)
+    elif vqvae is None:
+        llamagen = Source(
+            LLAMAGEN_REPO,
+            cache_dir=source.cache_dir,
+            token=source.token,
+            local_files_only=source.local_files_only,
+            force_download=source.force_download,
+        )
+        path = llamagen.fetch(LLAMAGEN_VQ_FILE)
+        vqvae = load_tokenizer(read_state_dict(path), str(path), aim.config)
     return aim, vqvae if vqvae.dtype == dtype else vqvae.to(dtype)
 
 

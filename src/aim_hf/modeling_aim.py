@@ -623,6 +623,15 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         """The rows of classifier-free guidance: [conditional; unconditional (the null class)]."""
         return torch.cat([class_labels, torch.full_like(class_labels, self.config.null_class)])
 
+    def prefill(self, labels: torch.Tensor, prefix: torch.Tensor, cache: AiMCache) -> torch.Tensor:
+        """The pass over the class token and the prefix (b, k) that fills the empty ``cache``, for
+        ``labels`` of b rows or, guided, 2b (both halves are fed the same codes): the logits of the
+        first new code (rows, vocab_size)."""
+        positions = self.model.decode_positions(0, prefix.shape[1], prefix.device)
+        rows = prefix.repeat(labels.numel() // prefix.shape[0], 1)
+        hidden = self.model(rows, labels, cache=cache, positions=positions)
+        return self.lm_head(hidden[:, -1].to(self.lm_head.weight.dtype))
+
     @torch.no_grad()
     def decode(
         self,
@@ -636,20 +645,15 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         picks code ``t`` (b,) from the guided logits (b, vocab_size); returns the codes
         (b, num_tokens)."""
         config = self.config
-        batch, start = prefix.shape
+        start = prefix.shape[1]
         guided = guidance_scale != 1.0
         labels = self.guided_labels(class_labels) if guided else class_labels
-        if guided:  # both halves are fed the same codes
-            prefix = prefix.repeat(2, 1)
         device = prefix.device
         cache = AiMCache(config, labels.numel(), self.dtype, device, self.cache_form(labels.numel(), device))
-        hidden = self.model(
-            prefix, labels, cache=cache, positions=self.model.decode_positions(0, start, device)
-        )
-        logits = self.lm_head(hidden[:, -1].to(self.lm_head.weight.dtype))
+        logits = self.prefill(labels, prefix, cache)
         _, groups, final = self.model.condition(labels)
         modulations = self.model.layer_modulations(groups)
-        codes = [prefix[:batch]]
+        codes = [prefix]
         for t in range(start, config.num_tokens):
             step_logits = guide(logits, guidance_scale) if guided else logits.to(compute_dtype(logits.dtype))
             token = choose(t, step_logits)

@@ -75,8 +75,9 @@ class AiMPipeline(DiffusionPipeline):
         location = os.fspath(pretrained_model_name_or_path)
         hub_args = {k: kwargs[k] for k in hub.HUB_ARGUMENTS if kwargs.get(k) is not None}
         source = hub.Source(location, **hub_args)
-        if hub.detect_format(source) != "pipeline":
-            return cls._from_original(source, kwargs)
+        layout = hub.detect_format(source)
+        if layout != "pipeline":
+            return cls._from_original(source, layout, kwargs)
         if kwargs.get("model_size") is not None:
             raise ValueError(
                 f"model_size only applies to hp-l33/aim's release files; {location} is a pipeline"
@@ -92,7 +93,7 @@ class AiMPipeline(DiffusionPipeline):
         return super().from_pretrained(folder, **rest)
 
     @classmethod
-    def _from_original(cls, source: hub.Source, kwargs: dict) -> AiMPipeline:
+    def _from_original(cls, source: hub.Source, layout: str, kwargs: dict) -> AiMPipeline:
         options = {k: v for k, v in kwargs.items() if k not in hub.HUB_ARGUMENTS}
         model_size = options.pop("model_size", None)
         vqvae = options.pop("vqvae", None)
@@ -107,7 +108,7 @@ class AiMPipeline(DiffusionPipeline):
             raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
         if vqvae is not None and not isinstance(vqvae, VQModel):
             raise ValueError(f"vqvae must be a diffusers VQModel, got {type(vqvae).__name__}")
-        aim, vqvae = hub.load_original_components(source, model_size, vqvae, dtype)
+        aim, vqvae = hub.load_original_components(source, layout, model_size, vqvae, dtype)
         return cls(aim=aim, vqvae=vqvae)
 
     def save_pretrained(
