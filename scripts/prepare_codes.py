@@ -39,7 +39,7 @@ from aim_hf.data import (
     views_to_tensor,
 )
 from aim_hf.files import atomic_path, remove_temporaries
-from aim_hf.tokenizer import encode_images
+from aim_hf.tokenizer import downsampling_factor, encode_images
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SETTINGS_FILE = "prepare_codes.json"  # the plan, kept in the finished dataset beside datasets' own files
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     datasets.disable_progress_bars()  # one bar over the shards instead of one per saved shard
     vq = load_vq(args.tokenizer)
-    factor = 2 ** (len(vq.config.block_out_channels) - 1)
+    factor = downsampling_factor(vq)
     if args.image_size % factor:
         raise ValueError(
             f"--image-size {args.image_size} must be a multiple of the tokenizer's downsampling factor {factor}"

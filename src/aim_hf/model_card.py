@@ -16,6 +16,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .configuration_aim import PRESETS
 from .labels import IMAGENET_CLASSES
+from .tokenizer import downsampling_factor
 
 if TYPE_CHECKING:
     from .pipeline_aim import AiMPipeline
@@ -133,7 +134,7 @@ def make_model_card(
         eval_results=eval_results,
     )
     side = math.isqrt(config.num_tokens)
-    image_size = side * 2 ** (len(pipeline.vqvae.config.block_out_channels) - 1)
+    image_size = side * downsampling_factor(pipeline.vqvae)
     millions = sum(p.numel() for p in pipeline.aim.parameters()) / 1e6
     title = f"{preset} (AiM)" if preset else "AiM"
     sections = [

@@ -28,6 +28,7 @@ __all__ = [
     "convert_llamagen_vq_state_dict",
     "decode_batch_size",
     "decode_codes",
+    "downsampling_factor",
     "encode_images",
     "images_to_uint8",
     "llamagen_vq_config",
@@ -263,6 +264,11 @@ def load_llamagen_vq(
     return model.eval()
 
 
+def downsampling_factor(vq: VQModel) -> int:
+    """Image pixels per code along a side: each encoder level after the first halves the image."""
+    return 2 ** (len(vq.config.block_out_channels) - 1)
+
+
 @torch.no_grad()
 def encode_images(vq: VQModel, images: Tensor) -> Tensor:
     """Codes of images in [-1, 1], shape (B, 3, H, W) -> LongTensor (B, h*w) in raster order."""
@@ -272,7 +278,7 @@ def encode_images(vq: VQModel, images: Tensor) -> Tensor:
         )
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
-    factor = 2 ** (len(vq.config.block_out_channels) - 1)
+    factor = downsampling_factor(vq)
     if images.shape[2] % factor or images.shape[3] % factor:
         raise ValueError(
             f"image height and width must be multiples of {factor}, got {tuple(images.shape[2:])}"
@@ -334,7 +340,7 @@ def decode_batch_size(vq: VQModel, side: int, device: torch.device) -> int:
     """How many images of side x side codes the tokenizer decodes within 80% of a CUDA device's
     free memory. An image takes about six activations of the decoder's full-resolution width
     (LlamaGen's VQ-f16: 96 MB in bf16, 192 MB in float32, measured on an H100); eight are counted."""
-    pixels = (side * 2 ** (len(vq.config.block_out_channels) - 1)) ** 2
+    pixels = (side * downsampling_factor(vq)) ** 2
     per_image = 8 * vq.config.block_out_channels[0] * pixels * vq.dtype.itemsize
     return max(1, int(0.8 * free_memory(device)) // per_image)
 
