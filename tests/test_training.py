@@ -18,6 +18,7 @@ import torch
 from conftest import randomize, tiny_config
 from safetensors.torch import load_file
 from test_data import IMAGE_SIZE, load_script, make_images, make_vq, one_thread, prepare_args  # noqa: F401
+from transformers import Trainer, TrainingArguments
 
 from aim_hf import AiMConfig, AiMForImageGeneration
 from aim_hf.training import AiMTrainer, last_complete_checkpoint, plain_parameter_name, resize_class_embedding
@@ -156,6 +157,45 @@ def test_class_names_of_the_dataset_go_into_the_config(workdir, tmp_path):
     subset = AiMConfig(num_classes=2)  # a subset has no readable names but its ids (it had none)
     train_script.name_classes(subset, datasets.ClassLabel(names=["n01440764", "n01443537"]))
     assert subset.id2label == {0: "n01440764", 1: "n01443537"}
+
+
+def test_accumulated_uneven_batches_weigh_every_code_alike(tmp_path):
+    """Trainer passes num_items_in_batch: micro-batches of 3 and 1 rows accumulated into one step
+    give the step of one batch of 4 (the loss over all codes; it was the mean of the two
+    micro-batch means, which weighs the lone row three times as much). Masked (-100) codes count
+    for nothing. float32, the two differ in summation order only: 1e-5 of the weight change."""
+    config = tiny_config(class_dropout_prob=0.0)
+    torch.manual_seed(0)
+    codes = torch.randint(0, config.vocab_size, (4, config.num_tokens))
+    codes[3, 5:] = -100  # a row whose last codes are masked (the model never sees -100 as input)
+    rows = datasets.Dataset.from_dict({"codes": codes.clamp(min=0).tolist(), "targets": codes.tolist(),
+                                       "label": [0, 1, 2, 3]})  # fmt: skip
+
+    def collate(batch):
+        return {
+            "input_ids": torch.tensor([r["codes"] for r in batch]),
+            "class_labels": torch.tensor([r["label"] for r in batch]),
+            "labels": torch.tensor([r["targets"] for r in batch]),
+        }
+
+    def step(batch: int, accumulation: int) -> dict[str, torch.Tensor]:
+        model = randomize(AiMForImageGeneration(config), seed=1)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"b{batch}"), per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=1.0,
+            lr_scheduler_type="constant", use_cpu=True, report_to=[], save_strategy="no",
+            remove_unused_columns=False, disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+        assert trainer.model_accepts_loss_kwargs
+        trainer.train()
+        return {k: v - before[k] for k, v in model.state_dict().items()}
+
+    whole, accumulated = step(4, 1), step(3, 2)
+    change = torch.cat([d.flatten() for d in whole.values()])
+    difference = torch.cat([accumulated[k].flatten() - d.flatten() for k, d in whole.items()])
+    assert change.norm() > 0 and (difference.norm() / change.norm()).item() < 1e-5
 
 
 def test_resize_class_embedding_shrinks_and_keeps_the_null_row():

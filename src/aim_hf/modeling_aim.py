@@ -340,6 +340,9 @@ class AiMForImageGeneration(AiMPreTrainedModel):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Trainer passes num_items_in_batch: the loss is then over every counted code of the
+    # accumulated (and, in DDP, global) batch, not a mean of micro-batch means
+    accepts_loss_kwargs = True
 
     def __init__(self, config: AiMConfig):
         super().__init__(config)
@@ -353,11 +356,14 @@ class AiMForImageGeneration(AiMPreTrainedModel):
         class_labels: torch.Tensor,
         labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> AiMOutput | tuple:
         """Teacher forcing: position 0 (the class) predicts code 0, position t code t.
 
         In training, each label is replaced by the null class with probability
-        ``config.class_dropout_prob``, which teaches the unconditional model used for guidance."""
+        ``config.class_dropout_prob``, which teaches the unconditional model used for guidance.
+        The loss is the mean cross-entropy over the codes of ``labels`` (those of -100 left out),
+        or their sum over ``num_items_in_batch`` (Trainer's count over an accumulated batch)."""
         self.check_codes(input_ids, "input_ids", max_length=self.config.num_tokens)
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids holds no codes; teacher forcing predicts at least one")
@@ -376,7 +382,10 @@ class AiMForImageGeneration(AiMPreTrainedModel):
                 logits.to(compute_dtype(logits.dtype)).flatten(0, 1),
                 labels.flatten().to(logits.device, torch.long),
                 ignore_index=IGNORE_INDEX,
+                reduction="mean" if num_items_in_batch is None else "sum",
             )
+            if num_items_in_batch is not None:
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         output = AiMOutput(loss=loss, logits=logits)
         return (
             output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
