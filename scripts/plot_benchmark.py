@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
+from aim_hf.configuration_aim import PRESETS  # noqa: E402
 from aim_hf.files import atomic_path  # noqa: E402
 
 # SPEC §8: the original's token loop on an H200 (bf16, guidance on), images per second
@@ -28,13 +29,13 @@ ORIGINAL_H200 = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("output")
     parser.add_argument("inputs", nargs="+", metavar="JSON[:MODE,...]")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     lines = []  # (label: mode, device and date; rows)
     for spec in args.inputs:
         path, _, modes = spec.partition(":")
@@ -48,7 +49,7 @@ def main() -> None:
                 parser.error(f"{path} has no rows of mode {mode!r}")
             name = "aim-hf" if mode == "graph-auto" else f"aim-hf {mode}"
             lines.append((f"{name} ({result['device']}, {result['date']})", rows))
-    presets = sorted({r["preset"] for _, rows in lines for r in rows}, key=list(ORIGINAL_H200).index)
+    presets = sorted({r["preset"] for _, rows in lines for r in rows}, key=list(PRESETS).index)
     # one colour a (mode, device, date) in every panel; files of one device and date share it
     colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(label for label, _ in lines))}
     plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")

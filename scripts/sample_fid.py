@@ -74,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and not Path(value).exists():
             p.error(f"--{name.replace('_', '-')} {value} does not exist")
+    if args.vqvae is not None and not Path(args.vqvae).exists():
+        p.error(f"--vqvae {args.vqvae} does not exist")
+    guidance = 1.0 if args.guidance_scale is None else args.guidance_scale
+    try:  # top_k against the codebook once the model is loaded
+        check_sampling_args(guidance, args.temperature, args.top_k, args.top_p, vocab_size=sys.maxsize)
+    except ValueError as err:
+        p.error(str(err))
     if args.inception_weights is not None:
         try:
             import torch_fidelity  # noqa: F401
@@ -235,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     folder = Path(os.path.abspath(args.output))  # "." has no name to put .npz after
     npz = folder.with_name(folder.name + ".npz")
     settings = {
-        "model": str(Path(args.model).resolve()),
+        # a hub id as given (resolved, it named a folder of the current directory)
+        "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
         "vqvae": str(Path(args.vqvae).resolve()) if args.vqvae else None,
         "weights": weights,
         "base_seed": args.base_seed,

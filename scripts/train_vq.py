@@ -86,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--restart-every must be >= 0 (0 disables restarts), got {args.restart_every}")
     if not 0 < args.lr < math.inf:
         parser.error(f"--lr must be a finite number > 0, got {args.lr}")
+    output = Path(args.output)
+    if output.exists() and not (
+        output.is_dir() and (not any(output.iterdir()) or (output / "config.json").is_file())
+    ):
+        parser.error(f"--output {args.output} exists and is not a VQModel folder; it would be replaced")
     if args.preview is not None and not Path(args.preview).resolve().parent.is_dir():
         parser.error(f"--preview {args.preview}: its folder does not exist")
     if any(c % NORM_GROUPS for c in args.block_out_channels):

@@ -5,6 +5,9 @@ without CUDA before any work (their timings need a GPU)."""
 
 from __future__ import annotations
 
+import json
+
+import PIL.Image
 import pytest
 import torch
 from conftest import tiny_config
@@ -80,3 +83,18 @@ def test_benchmarks_refuse_to_run_without_cuda(script, argv, tmp_path, capsys):
         load_script(script).main([*argv, "--json", str(tmp_path / "b.json")])
     assert "needs a CUDA GPU; none is visible here" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_plot_takes_every_preset(tmp_path):
+    """scripts/plot_benchmark.py ordered the panels by the original's presets and failed on AiM-1B,
+    which scripts/benchmark.py measures (and which the original has no figures for)."""
+    rows = [
+        {"preset": preset, "mode": "graph-auto", "batch": batch, "images_per_s": rate * batch}
+        for preset, rate in (("AiM-1B", 1.0), ("AiM-B", 4.0))
+        for batch in (1, 16)
+    ]
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps({"device": "H100", "date": "2026-11-28", "rows": rows}))
+    load_script("plot_benchmark").main([str(tmp_path / "plot.png"), str(result)])
+    with PIL.Image.open(tmp_path / "plot.png") as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1]  # two panels side by side

@@ -293,6 +293,18 @@ def test_atomic_path_leaves_nothing_on_failure_and_replaces_folders(tmp_path):
             tmp.mkdir()
             (tmp / "f").write_text(text)
     assert (target / "f").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    # a file never replaces a folder, nor a folder a file (a mistyped path lost a folder's files)
+    with (
+        pytest.raises(ValueError, match="out is a folder; it is not replaced by a file"),
+        atomic_path(target) as tmp,
+    ):
+        tmp.write_text("a file")
+    (tmp_path / "note").write_text("kept")
+    with pytest.raises(ValueError, match="note is a file; it is not replaced by a folder"):
+        with atomic_path(tmp_path / "note") as tmp:
+            tmp.mkdir()
+    assert (target / "f").read_text() == "second" and (tmp_path / "note").read_text() == "kept"
+    (tmp_path / "note").unlink()
     # a rename that fails (a folder onto a link to a folder) leaves the target and no temporary
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
@@ -402,7 +414,7 @@ def test_prepare_codes_resumes_a_stopped_run_exactly(tmp_path, vq_dir, images_di
     assert not work.exists()
 
 
-def test_prepare_codes_rejects_bad_input_before_work(tmp_path, vq_dir, images_dir):
+def test_prepare_codes_rejects_bad_input_before_work(tmp_path, vq_dir, images_dir, capsys):
     prepare = load_script("prepare_codes")
     output = tmp_path / "codes"
     with pytest.raises(ValueError, match="no label column 'class'"):
@@ -413,10 +425,16 @@ def test_prepare_codes_rejects_bad_input_before_work(tmp_path, vq_dir, images_di
         prepare.main(prepare_args(images_dir, vq_dir, output, "--image-size", "9"))
     with pytest.raises(FileNotFoundError, match="no VQ tokenizer"):
         prepare.main(prepare_args(images_dir, tmp_path / "nothing", output))
-    with pytest.raises(SystemExit):
-        prepare.main(prepare_args(images_dir, vq_dir, output, "--shard-size", "0"))
-    with pytest.raises(SystemExit):  # it overflowed in the first shard, after writing the plan
-        prepare.main(prepare_args(images_dir, vq_dir, output, "--crop-range", "inf"))
+    for flags, message in [
+        (["--shard-size", "0"], "--shard-size must be a positive integer, got 0"),
+        (
+            ["--crop-range", "inf"],
+            "--crop-range must be a finite number >= 1, got inf",
+        ),  # it overflowed later
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            prepare.main(prepare_args(images_dir, vq_dir, output, *flags))
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

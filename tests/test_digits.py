@@ -146,14 +146,18 @@ def test_train_vq_reduced_run(tmp_path):
         (["--codebook-size", "0"], "--codebook-size must be a positive integer, got 0"),
         (["--lr", "nan"], "--lr must be a finite number > 0"),
         (["--preview", "{tmp}/missing/p.png"], "its folder does not exist"),  # failed after training
+        # a folder of other files was replaced by the tokenizer, its files lost
+        (["--output", "{tmp}/notes"], "exists and is not a VQModel folder; it would be replaced"),
     ],
 )
 def test_train_vq_rejects_bad_arguments_before_work(tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit) as exit_info:
         load_script("train_vq").main(["--digits", "--output", str(tmp_path / "vq"), *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "vq").exists()
+    assert not (tmp_path / "vq").exists() and (tmp_path / "notes" / "notes.txt").read_text() == "mine"
 
 
 def tiny_digits_pipeline() -> AiMPipeline:

@@ -23,6 +23,7 @@ from test_tokenizer import SMALL_CH, SMALL_CONFIG, SMALL_MULT, SMALL_Z, RefVQ
 import aim_hf.hub
 import aim_hf.pipeline_aim
 from aim_hf import AiMConfig, AiMForImageGeneration, AiMPipeline
+from aim_hf.conversion import load_original
 from aim_hf.labels import IMAGENET_CLASSES
 from aim_hf.model_card import make_model_card
 from aim_hf.tokenizer import llamagen_vq_config, load_llamagen_vq
@@ -150,7 +151,8 @@ def test_release_repo_with_given_tokenizer_needs_no_llamagen(tmp_path, hub_cache
     vqvae = load_llamagen_vq(original_vq(), SMALL_CONFIG)
     loaded = AiMPipeline.from_pretrained("hp-l33/aim", vqvae=vqvae, dtype=torch.float64)
     assert loaded.aim.dtype == torch.float64 and loaded.vqvae is vqvae
-    assert_same_generation(loaded, AiMPipeline(aim=loaded.aim, vqvae=vqvae))
+    # the release file's weights, against the same state dict loaded directly
+    assert_same_generation(loaded, AiMPipeline(aim=load_original(stage2_b, dtype=torch.float64), vqvae=vqvae))
 
 
 def test_saved_pipeline_from_offline_cache(tmp_path, hub_cache):
@@ -392,7 +394,8 @@ def test_saved_pipeline_with_foreign_tokenizer(saved):
     ):
         AiMPipeline.from_pretrained(saved)
     # a tokenizer passed in replaces the saved one and is not read
-    assert AiMPipeline.from_pretrained(saved, vqvae=load_llamagen_vq(original_vq(), SMALL_CONFIG))
+    vqvae = load_llamagen_vq(original_vq(), SMALL_CONFIG)
+    assert AiMPipeline.from_pretrained(saved, vqvae=vqvae).vqvae is vqvae
 
 
 def test_saved_pipeline_bad_config(saved):

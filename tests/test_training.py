@@ -379,20 +379,24 @@ def test_a_failed_png_write_stops_sampling(workdir, trained, tmp_path, monkeypat
     assert not (tmp_path / "s" / "000002.png").exists() and not (tmp_path / "s.npz").exists()
 
 
-def test_sample_fid_rejects_bad_arguments_before_sampling(workdir, trained, tmp_path):
-    with pytest.raises(SystemExit):
-        sample_script.main(sample_args(workdir, "--num-images", "0"))
-    with pytest.raises(SystemExit):
-        sample_script.main(sample_args(workdir, "--png-workers", "0"))
+def test_sample_fid_rejects_bad_arguments_before_sampling(workdir, trained, tmp_path, capsys):
+    def refused(message: str, *extra: str) -> None:
+        with pytest.raises(SystemExit) as exit_info:
+            sample_script.main(sample_args(workdir, "--output", str(tmp_path / "s"), *extra))
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+    refused("--num-images must be a positive integer, got 0", "--num-images", "0")
+    refused("--png-workers must be a positive integer, got 0", "--png-workers", "0")
     (tmp_path / "s.npz").write_bytes(b"an earlier run's arrays")
-    with pytest.raises(SystemExit):  # it was a FileExistsError from mkdir, after loading the model
-        sample_script.main(sample_args(workdir, "--output", str(tmp_path / "s.npz")))
+    # it was a FileExistsError from mkdir, after loading the model
+    refused("is a file; it names the folder of PNGs", "--output", str(tmp_path / "s.npz"))
     assert (tmp_path / "s.npz").read_bytes() == b"an earlier run's arrays"
     (tmp_path / "s.npz").unlink()
-    with pytest.raises(SystemExit):
-        sample_script.main(sample_args(workdir, "--reference", str(tmp_path)))  # no --inception-weights
-    with pytest.raises(ValueError, match="top_p must be in"):
-        sample_script.main(sample_args(workdir, "--top-p", "1.5", "--output", str(tmp_path / "s")))
+    refused("--reference needs --inception-weights", "--reference", str(tmp_path))
+    # sampling settings and the tokenizer's path: they were checked after loading the model
+    refused("top_p must be in (0, 1] (1 disables it), got 1.5", "--top-p", "1.5")
+    refused("temperature must be a finite number > 0, got 0.0", "--temperature", "0")
+    refused(f"--vqvae {tmp_path / 'nowhere'} does not exist", "--vqvae", str(tmp_path / "nowhere"))
     assert not (tmp_path / "s").exists()
 
 

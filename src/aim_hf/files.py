@@ -31,6 +31,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
+        if path.exists() and path.is_dir() != tmp.is_dir():  # a mistyped path: never swap a folder for a file
+            kind = "folder" if path.is_dir() else "file"
+            raise ValueError(
+                f"{path} is a {kind}; it is not replaced by a {'file' if kind == 'folder' else 'folder'}"
+            )
         if path.is_dir() and not path.is_symlink():  # a folder cannot be replaced in one rename
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
