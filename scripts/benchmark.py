@@ -24,7 +24,7 @@ from datetime import date
 import torch
 
 from aim_hf import AiMConfig, AiMForImageGeneration, triton_gemv
-from aim_hf.cli import guidance_scale, positive_int
+from aim_hf.cli import file_path, guidance_scale, positive_int
 from aim_hf.configuration_aim import PRESETS
 from aim_hf.files import atomic_path
 from aim_hf.modeling_aim import AiMCache
@@ -81,14 +81,14 @@ def floor_seconds(model: AiMForImageGeneration, rows: int, bandwidth: float) -> 
     }
 
 
-def write_result(path: str, script: str, rows: list[dict], **fields) -> dict:
+def write_result(path: str, script: str, rows: list[dict], argv: list[str] | None = None, **fields) -> dict:
     """A benchmark's JSON, written atomically: the card, the date, ``fields``, the command line
-    of ``scripts/<script>`` and the rows."""
+    of ``scripts/<script>`` (``argv``, default the process's) and the rows."""
     result = {
         "device": torch.cuda.get_device_name(),
         "date": date.today().isoformat(),
         **fields,
-        "command": f"python scripts/{script} " + " ".join(sys.argv[1:]),
+        "command": f"python scripts/{script} " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows,
     }
     with atomic_path(path) as tmp:
@@ -135,7 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--compiled-vq", action="store_true",
         help="also time VQ decode with the decoder compiled in place (vq.decoder.compile()); implies --vq",
     )  # fmt: skip
-    parser.add_argument("--json", default="benchmark.json")
+    parser.add_argument("--json", type=file_path, default="benchmark.json")
     args = parser.parse_args(argv)
     args.vq = args.vq or args.compiled_vq
     if not torch.cuda.is_available():
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         model._graph_decoder = None
         torch.cuda.empty_cache()
     result = write_result(
-        args.json, "benchmark.py", rows, torch=torch.__version__, copy_bandwidth_gb_s=bandwidth / 1e9
+        args.json, "benchmark.py", rows, argv, torch=torch.__version__, copy_bandwidth_gb_s=bandwidth / 1e9
     )
     print(f"\n{result['device']}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, {result['date']}")
     header = ("preset", "batch", "mode", "cache", "loop s", "img/s", "x floor", "first s")

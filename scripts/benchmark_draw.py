@@ -18,6 +18,7 @@ import torch
 import triton.testing
 from benchmark import write_result  # scripts/ is on the path when run as a script
 
+from aim_hf.cli import file_path
 from aim_hf.sampling import filter_logits, guide, sample_inverse_cdf
 from aim_hf.triton_sampling import draw, filtered
 
@@ -82,7 +83,7 @@ def main() -> None:
         help="programs a row without filters (0: the default)",
     )
     parser.add_argument("--filters", nargs="+", default=["0,1"], help="top_k,top_p pairs (0,1: no filter)")
-    parser.add_argument("--json", default="benchmark_draw.json")
+    parser.add_argument("--json", type=file_path, default="benchmark_draw.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("the draw benchmark needs a CUDA GPU")

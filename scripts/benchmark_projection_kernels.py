@@ -24,6 +24,7 @@ import triton.testing
 from benchmark import copy_bandwidth, write_result  # scripts/ is on the path when run as a script
 
 from aim_hf import AiMConfig
+from aim_hf.cli import file_path
 from aim_hf.triton_gemv import linear, norm_linear, norm_linear_residual
 
 
@@ -46,7 +47,7 @@ def time_projection(
     ):
         launch = {
             "block_n": block_n or None, "block_k": block_k or None, "num_warps": warps or None,
-            "stages": None if stages < 0 else stages, "pdl": pdl, "rows_per_program": rows_per_program,
+            "stages": None if stages < 0 else stages, "pdl": pdl == "on", "rows_per_program": rows_per_program,
         }  # fmt: skip
         runs.append((launch, functools.partial(linear, x, **launch)))
         if name == "in_proj":  # norm_linear: the norm and adaLN folded in
@@ -89,11 +90,7 @@ def main() -> None:
         help="-1: the default; 0: one block ahead by hand; 2 or more: Triton's pipeline",
     )  # fmt: skip
     parser.add_argument(
-        "--pdl",
-        nargs="+",
-        type=lambda v: v == "on",
-        default=[False, True],
-        help="on / off: programmatic dependent launch",
+        "--pdl", nargs="+", choices=["off", "on"], default=["off", "on"], help="programmatic dependent launch"
     )
     parser.add_argument(
         "--rows-per-program", nargs="+", type=int, default=[2], help="rows a GEMV program takes: 1, 2 or 4"
@@ -101,7 +98,7 @@ def main() -> None:
     parser.add_argument(
         "--stack-bytes", type=int, default=512 << 20, help="weights a timed graph streams (well past L2)"
     )
-    parser.add_argument("--json", default="benchmark_projection_kernels.json")
+    parser.add_argument("--json", type=file_path, default="benchmark_projection_kernels.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("the kernel benchmark needs a CUDA GPU")

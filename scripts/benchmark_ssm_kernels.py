@@ -18,6 +18,7 @@ import triton.testing
 from benchmark import copy_bandwidth, write_result  # scripts/ is on the path when run as a script
 
 from aim_hf import AiMConfig
+from aim_hf.cli import file_path
 from aim_hf.mamba2 import LayerCache
 from aim_hf.triton_ssm import ssm_dual_update, ssm_update
 
@@ -100,7 +101,7 @@ def main() -> None:
     )
     parser.add_argument("--num-warps", nargs="+", type=int, default=[0], help="0: the kernel's default")
     parser.add_argument("--num-stages", nargs="+", type=int, default=[2, 3])
-    parser.add_argument("--json", default="benchmark_ssm_kernels.json")
+    parser.add_argument("--json", type=file_path, default="benchmark_ssm_kernels.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("the kernel benchmark needs a CUDA GPU")

@@ -23,24 +23,21 @@ import argparse
 import contextlib
 import gc
 import itertools
-import json
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import random_model  # noqa: E402
+from benchmark import random_model, write_result  # noqa: E402
 from train import AIM_DEFAULTS  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from aim_hf import PRESETS, AiMConfig  # noqa: E402
-from aim_hf.cli import positive_int  # noqa: E402
-from aim_hf.files import atomic_path  # noqa: E402
+from aim_hf.cli import file_path, positive_int  # noqa: E402
 from aim_hf.mamba2 import KERNELS_AVAILABLE  # noqa: E402
 from aim_hf.training import AiMTrainer  # noqa: E402
 
@@ -72,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off"])
     parser.add_argument("--warmup-steps", type=positive_int, default=5)
     parser.add_argument("--steps", type=positive_int, default=20)
-    parser.add_argument("--json", default="benchmark_training.json")
+    parser.add_argument("--json", type=file_path, default="benchmark_training.json")
     args = parser.parse_args(argv)
     args.batch_sizes = {**DEFAULT_BATCH, **dict(args.batch_sizes)}
     if not torch.cuda.is_available():
@@ -160,20 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.empty_cache()
         rows.append(row)
         print(describe(row), flush=True)
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "mamba_kernels_installed": KERNELS_AVAILABLE,
-        "warmup_steps": args.warmup_steps,
-        "steps": args.steps,
-        "command": " ".join(
-            ["python", "scripts/benchmark_training.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "rows": rows,
-    }
-    with atomic_path(args.json) as tmp:
-        tmp.write_text(json.dumps(result, indent=1))
+    result = write_result(
+        args.json, "benchmark_training.py", rows, argv, torch=torch.__version__,
+        mamba_kernels_installed=KERNELS_AVAILABLE, warmup_steps=args.warmup_steps, steps=args.steps,
+    )  # fmt: skip
     print(f"\n{result['device']}, {result['date']}, median of {args.steps} steps after {args.warmup_steps}")
     print(
         f"{'preset':8s}{'batch':>6s}{'mixer':>9s}{'prec':>6s}{'ckpt':>6s}{'step s':>9s}{'tokens/s':>11s}{'GiB':>7s}"

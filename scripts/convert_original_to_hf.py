@@ -30,7 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOLERANCES = {"float32": 1e-6, "bfloat16": 5e-2, "float16": 5e-3}
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="hub repo id or local folder of an original AiM checkpoint")
     parser.add_argument("output_dir", help="folder to write the pipeline to")
@@ -64,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     args = parser.parse_args(argv)
     if args.tolerance is not None and not args.tolerance > 0:
         parser.error(f"--tolerance must be > 0, got {args.tolerance}")
-    return parser, args
+    if args.vq is not None and not Path(args.vq).is_file():  # before a multi-GB checkpoint is loaded
+        parser.error(f"--vq {args.vq} is not a file")
+    return args
 
 
 def load_original_directly(source: hub.Source, model_size: str | None) -> AiMForImageGeneration:
@@ -139,7 +141,7 @@ def convert(args: argparse.Namespace, tolerance: float, card_name: str) -> float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, args = parse_args(argv)
+    args = parse_args(argv)
     repo_id = None
     if args.push_to_hub:  # first: a missing login fails before the work, and the card gets the full id
         repo_id = create_repo(args.push_to_hub, private=args.private, exist_ok=True).repo_id

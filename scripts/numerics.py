@@ -18,6 +18,7 @@ import torch
 from benchmark import random_model  # scripts/ is on the path when run as a script
 
 from aim_hf import AiMConfig
+from aim_hf.cli import file_path
 from aim_hf.files import atomic_path
 from aim_hf.sampling import sample_inverse_cdf
 
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--preset", default="AiM-B")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
-    parser.add_argument("--json", default="numerics.json")
+    parser.add_argument("--json", type=file_path, default="numerics.json")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

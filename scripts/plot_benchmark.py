@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
+from aim_hf.cli import file_path  # noqa: E402
 from aim_hf.configuration_aim import PRESETS  # noqa: E402
 from aim_hf.files import atomic_path  # noqa: E402
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("output")
+    parser.add_argument("output", type=file_path)
     parser.add_argument("inputs", nargs="+", metavar="JSON[:MODE,...]")
     args = parser.parse_args(argv)
     lines = []  # (label: mode, device and date; rows)

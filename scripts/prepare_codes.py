@@ -53,7 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="train")
     p.add_argument("--image-column", default="image")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--tokenizer", required=True, help="VQModel folder (save_pretrained) or LlamaGen .pt")
+    p.add_argument(
+        "--tokenizer", required=True,
+        help="VQModel or pipeline folder, LlamaGen VQ checkpoint (.pt, any size) or original AiM checkpoint",
+    )  # fmt: skip
     p.add_argument("--output", required=True, help="folder the codes dataset is saved to (save_to_disk)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
@@ -106,7 +109,9 @@ class ShardViews(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int | str]:
+        """(views, label), or (None, what is wrong) for a file PIL cannot read: raised by
+        ``encode_shard`` in the main process (a worker's error comes wrapped in its traceback)."""
         a = self.args
         try:
             row = self.rows[index]
@@ -114,13 +119,16 @@ class ShardViews(torch.utils.data.Dataset):
         except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for a broken file
             raw = self.rows.cast_column(a.image_column, datasets.Image(decode=False))[index][a.image_column]
             where = f" ({raw['path']})" if raw.get("path") else ""
-            raise ValueError(
-                f"could not read the image of row {self.first_row + index}{where}: {err}"
-            ) from err
+            return None, f"could not read the image of row {self.first_row + index}{where}: {err}"
         return views_to_tensor(views), int(row[a.label_column])
 
 
-def collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, np.ndarray]:
+def collate(
+    items: list[tuple[torch.Tensor | None, int | str]],
+) -> tuple[torch.Tensor | None, np.ndarray | str]:
+    broken = [problem for views, problem in items if views is None]
+    if broken:
+        return None, broken[0]
     return torch.cat([views for views, _ in items]), np.array([label for _, label in items], dtype=np.int64)
 
 
@@ -139,6 +147,8 @@ def encode_shard(
     views = AUGMENTATIONS[args.augment]
     codes, labels = [], []
     for pixels, batch_labels in loader:
+        if pixels is None:
+            raise ValueError(batch_labels)
         codes.append(
             encode_images(vq, pixels.to(vq.device, non_blocking=True)).cpu().numpy().astype(codes_dtype)
         )

@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", required=True, help="AiM folder (with --vqvae), pipeline folder or original checkpoint"
     )
     p.add_argument(
-        "--vqvae", default=None, help="VQ tokenizer (VQModel folder or LlamaGen .pt) for a bare AiM model"
+        "--vqvae",
+        default=None,
+        help="VQ tokenizer (VQModel or pipeline folder, LlamaGen .pt) for a bare AiM model",
     )
     p.add_argument("--output", required=True, help="PNG folder; OUTPUT.npz is written beside it")
     p.add_argument("--num-images", type=int, default=50000)

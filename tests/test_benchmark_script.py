@@ -98,3 +98,21 @@ def test_plot_takes_every_preset(tmp_path):
     load_script("plot_benchmark").main([str(tmp_path / "plot.png"), str(result)])
     with PIL.Image.open(tmp_path / "plot.png") as image:
         assert image.format == "PNG" and image.size[0] > image.size[1]  # two panels side by side
+
+
+@pytest.mark.parametrize("script", ["benchmark", "benchmark_training", "plot_benchmark"])
+def test_result_paths_are_checked_before_any_work(script, tmp_path, capsys):
+    """--json (or the plot) naming a folder was replaced by the file after the whole run (its files
+    lost), and a missing folder failed only then."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "old.json").write_text("{}")
+    for path, message in [
+        (folder, "is a folder; name a file"),
+        (tmp_path / "no" / "b.json", "its folder does not exist"),
+    ]:
+        argv = [str(path), str(folder / "old.json")] if script == "plot_benchmark" else ["--json", str(path)]
+        with pytest.raises(SystemExit) as exit_info:
+            load_script(script).main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert (folder / "old.json").read_text() == "{}"

@@ -50,8 +50,9 @@ def test_classes_by_id_name_comma_list_and_repeat(tmp_path):
 
 
 def test_class_names_with_commas():
-    """ImageNet has names like "crane, bird": a --class value that is a whole name is one class
-    (it was split, and the error suggested the very name it could not take)."""
+    """A model's own class names (id2label, e.g. image-folder names) may hold a comma: a --class
+    value that is a whole name is one class (it was split, and the error suggested the very name
+    it could not take)."""
     names = ["crane, bird", "crane", "bird"]
     pipe = SimpleNamespace(
         aim=SimpleNamespace(config=SimpleNamespace(num_classes=3)),

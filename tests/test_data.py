@@ -349,8 +349,11 @@ def test_prepare_codes_from_image_folders(tmp_path, vq_dir, capsys, monkeypatch)
     assert codes.features["label"].names == ["dogs"] and codes["label"] == [0, 0, 0]
 
     (folder / "1.png").write_bytes((folder / "1.png").read_bytes()[:30])  # truncated
-    with pytest.raises(ValueError, match=r"could not read the image of row 1 \(.*dogs/1\.png\)"):
-        prepare.main(prepare_args(tmp_path / "photos", vq_dir, tmp_path / "broken"))
+    for workers in ("0", "2"):  # from a worker it came wrapped in the worker's traceback
+        with pytest.raises(ValueError, match=r"^could not read the image of row 1 \(.*dogs/1\.png\): "):
+            prepare.main(
+                [*prepare_args(tmp_path / "photos", vq_dir, tmp_path / "broken"), "--num-workers", workers]
+            )
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty exists and is not a codes dataset; choose another --output"):

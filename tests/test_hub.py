@@ -622,6 +622,8 @@ def test_script_release_in_bfloat16_and_push(tmp_path, script, capsys, monkeypat
         (["{tmp}", "{out}", "--tolerance", "-1"], 2, "--tolerance must be > 0"),
         (["{saved}", "{tmp}"], 1, "exists and is not a pipeline folder"),
         (["{saved}", "."], 1, "is the current folder or holds it"),
+        # read only after the whole original checkpoint had been loaded
+        (["{saved}", "{out}", "--vq", "{tmp}/no-such-vq.pt"], 2, "no-such-vq.pt is not a file"),
     ],
 )
 def test_script_errors(tmp_path, saved, script, capsys, argv, status, message):

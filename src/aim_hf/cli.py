@@ -5,8 +5,8 @@
 Without ``--model`` it draws with the digits model that ships inside the package (trained by
 ``scripts/build_digits_model.py``), so it works offline on a CPU. Each row of the grid is one
 class, each column one image; with ``--seed`` image i uses its own generator seeded seed + i
-(on the CPU), so it is the same whatever the device and the other images. Needs only the core
-dependencies.
+(on the CPU), so on the CPU it is the same whatever the other images (on a GPU, README,
+Reproducibility). Needs only the core dependencies.
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def file_path(text: str) -> str:
+    """A file to write (scripts' --json): checked before the work, not after it."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name a file")
+    if not path.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: its folder does not exist")
+    return text
 
 
 def seed(text: str) -> int:

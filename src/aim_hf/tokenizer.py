@@ -1,4 +1,5 @@
-"""LlamaGen's VQ-f16 image tokenizer, run as a diffusers ``VQModel``.
+"""LlamaGen's VQ image tokenizers (VQ-f16 and other sizes, read from the weights), run as a
+diffusers ``VQModel``.
 
 AiM predicts the codes of LlamaGen's VQ tokenizer. Its architecture is exactly a diffusers
 ``VQModel`` (SPEC section 6), so instead of re-implementing it we convert the original weights
