@@ -2,8 +2,8 @@
 draw as ``sampling.py`` runs it in PyTorch (about ten kernels, and a sort of the vocabulary for
 top-p alone) against the one-kernel draw (``triton_sampling.draw``) over its block sizes and
 warps, each replayed in a CUDA graph as in the decoder (``triton.testing.do_bench_cudagraph``).
-Random bf16 logits of AiM's 16384 codes, guidance on. Checks that both draw the same codes;
-prints a table, writes JSON.
+Random bf16 logits of AiM's 16384 codes, guidance on. Records whether both draw the same codes
+(``same_codes``; the GPU tests assert it); prints a table, writes JSON.
 
     python scripts/benchmark_draw.py --batch-sizes 1 16 256 --filters 0,1 0,0.9 100,1
 """

@@ -22,6 +22,13 @@
 # .kernels-src`, and the pack lands in $OUT/kernel-pack for the next calls).
 # Usage: bash scripts/gpu_session.sh [stage ...]
 set -uo pipefail
+stages="${*:-kernel-tests tests generation kernels profile training}"
+for s in $stages; do  # a misspelt stage, before minutes of setup and the stages before it
+  case $s in
+    kernel-tests|tests|generation|numerics|kernels|projections|draw|profile|training|ddp) ;;
+    *) echo "unknown stage $s" >&2; exit 1 ;;
+  esac
+done
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src
@@ -35,7 +42,7 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 pytest=(python3 -m pytest -q -p no:cacheprovider -p no:logging)
-for stage in "${@:-kernel-tests tests generation kernels profile training}"; do
+for stage in $stages; do
   for s in $stage; do
     echo "== $s ($(date -u +%T))"
     case $s in
@@ -73,7 +80,6 @@ for stage in "${@:-kernel-tests tests generation kernels profile training}"; do
       ddp)
         OMP_NUM_THREADS=1 timeout 540 "${pytest[@]}" -s -m gpu tests/test_distributed.py >"$out/ddp.log" 2>&1
         tail -5 "$out/ddp.log" ;;
-      *) echo "unknown stage $s" ;;
     esac
   done
 done

@@ -199,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     if output.exists():
         if not (output / "state.json").is_file():
             raise ValueError(f"{output} exists and is not a codes dataset; choose another --output")
-        # a dataset written before the settings were recorded is taken as it is
-        if (output / SETTINGS_FILE).is_file():
+        recorded = (output / SETTINGS_FILE).is_file()  # not by versions before it was
+        if recorded:
             check_plan(output, json.loads((output / SETTINGS_FILE).read_text()), settings(args))
         if work.exists() and state.is_main_process:
             shutil.rmtree(work)  # left by a run killed while deleting it, after OUTPUT was complete
-        print(f"{output} already exists with these settings; nothing to do (delete it to tokenise again)")
+        how = "with these settings" if recorded else "(its settings were not recorded)"
+        print(f"{output} already exists {how}; nothing to do (delete it to tokenise again)")
         return 0
     datasets.disable_progress_bars()  # one bar over the shards instead of one per saved shard
     vq = load_vq(args.tokenizer)

@@ -3,8 +3,10 @@
     accelerate launch scripts/sample_fid.py --model runs/aim-b/model --vqvae vq-f16 \\
         --output samples/aim-b --num-images 50000 --guidance-scale 2.0
 
-Image i has class i % num_classes and its own generator seeded base_seed + i, so it is the same
-however the images are split over processes and batches. Each process (one per GPU under
+Image i has class i % num_classes and its own generator seeded base_seed + i, so it does not
+depend on how the images are split over processes and batches (exactly on the CPU; on a GPU the
+kernels of other batch sizes round differently and may flip a draw near a boundary between two
+codes: README, Reproducibility). Each process (one per GPU under
 ``accelerate launch``) samples its share of the images not yet in OUTPUT/ and writes each PNG
 atomically, so a rerun after an interruption only samples what is missing. Then OUTPUT.npz gets
 ``arr_0`` (uint8, N x H x W x 3) for the ADM evaluation suite. With --inception-weights (a local

@@ -40,7 +40,7 @@ def test_grid_of_one_class(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["digits.png"]  # no temporary file left
 
 
-def test_classes_by_id_name_comma_list_and_repeat(tmp_path):
+def test_classes_by_id_comma_list_and_repeat(tmp_path):
     output = tmp_path / "grid.png"
     main(["--class", " 1,2", "--class", "7", "--num-images", "1", "--seed", "5", "--output", str(output)])
     by_list = cells(output, 3, 1)

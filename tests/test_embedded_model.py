@@ -69,7 +69,8 @@ def test_digit_names_and_guidance():
 
 def test_card_snippet_runs_anywhere_and_is_the_scripts(tmp_path, monkeypatch):
     """The shipped card's usage snippet loads the installed package's copy (it named the path
-    inside a source checkout), and it is what build_digits_model.py's card call writes."""
+    inside a source checkout), and it is what make_model_card writes with the arguments that
+    build_digits_model.py passes it."""
     card = (DEFAULT_MODEL / "README.md").read_text()
     (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
     pipe = AiMPipeline.from_pretrained(DEFAULT_MODEL)

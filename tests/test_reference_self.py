@@ -6,10 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-try:
-    import reference_aim as R
-except ImportError:  # tests/ imported as a package
-    from tests import reference_aim as R
+import reference_aim as R
 
 DT = torch.float64
 
