@@ -3,10 +3,9 @@
 import math
 
 import pytest
+import reference_aim as R
 import torch
 import torch.nn.functional as F
-
-import reference_aim as R
 
 DT = torch.float64
 
