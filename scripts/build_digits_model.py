@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,14 +71,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", default="outputs/digits-build", help="folder for intermediate results")
     parser.add_argument("--output", default=str(cli.DEFAULT_MODEL), help="folder the AiMPipeline is saved to")
     parser.add_argument("--grid", default="docs/digits-grid.png", help="PNG grid of generated digits")
-    parser.add_argument("--steps", type=int, default=1200, help="AiM training steps")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=cli.positive_int, default=1200, help="AiM training steps")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
-    parser.add_argument("--min-consistency", type=float, default=0.95)
-    parser.add_argument("--sweep-samples-per-class", type=int, default=30)
-    parser.add_argument("--samples-per-class", type=int, default=100, help="for the final evaluation")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--guidance-scales", type=cli.guidance_scale, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0]
+    )
+    parser.add_argument(
+        "--min-consistency", type=float, default=0.95, help="share of samples read as their digit, in (0, 1]"
+    )
+    parser.add_argument("--sweep-samples-per-class", type=cli.positive_int, default=30)
+    parser.add_argument(
+        "--samples-per-class", type=cli.positive_int, default=100, help="for the final evaluation"
+    )
+    args = parser.parse_args(argv)
+    # checked here: the build takes about 20 minutes before it uses them
+    if not 0 < args.min_consistency <= 1:
+        parser.error(f"--min-consistency is a share in (0, 1] (0.95, not 95), got {args.min_consistency}")
+    if not 0 < args.learning_rate < math.inf:
+        parser.error(f"--learning-rate must be a finite number > 0, got {args.learning_rate}")
+    if not (ROOT / args.grid).resolve().parent.is_dir():
+        parser.error(f"--grid {args.grid}: its folder does not exist")
+    return args
 
 
 def run(*command: str) -> None:

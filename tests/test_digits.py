@@ -227,3 +227,22 @@ def test_evaluate_digits_rejects_bad_arguments_before_work(tmp_path, capsys, arg
     with pytest.raises(SystemExit) as exit_info:
         load_script("evaluate_digits").main(["--model", str(tmp_path / "no-model"), *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--min-consistency", "95"], "--min-consistency is a share in (0, 1] (0.95, not 95), got 95.0"),
+        (["--guidance-scales", "1.5", "-1"], "--guidance-scales: must be a finite number >= 0"),
+        (["--grid", "no-such-folder/grid.png"], "--grid no-such-folder/grid.png: its folder does not exist"),
+        (["--steps", "0"], "--steps: must be a positive integer, got 0"),
+        (["--learning-rate", "inf"], "--learning-rate must be a finite number > 0"),
+    ],
+)
+def test_build_digits_model_checks_its_arguments_first(capsys, argv, message):
+    """The build reached these after about 20 minutes (a bad scale as a traceback there, a
+    percentage as min-consistency silently took the fallback, the grid failed after the model
+    had been saved over the shipped one)."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("build_digits_model").parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
