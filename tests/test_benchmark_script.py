@@ -10,8 +10,7 @@ import json
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_config
-from test_data import load_script
+from conftest import load_script, tiny_config
 
 from aim_hf import AiMForImageGeneration
 

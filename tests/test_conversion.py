@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import rel_err
 from reference_aim import random_original_state_dict, ref_config, reference_forward_logits
 from safetensors.torch import save_file
 
@@ -20,10 +21,6 @@ VARIANTS = {
     "groups=layers": dict(adaln_group=True, num_groups=4),
     "single": dict(adaln_group=True, num_groups=1),
 }
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def check_same_logits(model, sd, cfg, seed=0):

@@ -3,7 +3,6 @@ to direct encoding, resumption after a stopped run equal to an uninterrupted one
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, load_script
 from diffusers import VQModel
 from PIL import Image
 
@@ -28,17 +28,7 @@ from aim_hf.data import (
 from aim_hf.files import atomic_path
 from aim_hf.tokenizer import encode_images, llamagen_vq_config
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 8  # a 4x4 grid of codes with the tiny VQ below
-
-
-def load_script(name: str):
-    """A module of scripts/ (not a package), to call its main() in this process."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_vq(folder: Path) -> Path:
@@ -78,16 +68,6 @@ def make_images(folder: Path, count: int = 12, classes: int = 3) -> Path:
         str(folder)
     )
     return folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a shared two-core machine: a second OpenMP thread only waits for the other
-    core (measured: 8 training steps took 13 s with two threads under load, 0.2 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,14 @@
 """The digits dataset, the classifier and Frechet distance that score generated digits, and reduced
 runs of scripts/train_vq.py and scripts/evaluate_digits.py."""
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, load_script
 from datasets import DatasetDict
 from diffusers import VQModel
 from PIL import Image
@@ -19,15 +17,6 @@ from scipy.linalg import sqrtm
 from aim_hf import AiMConfig, AiMForImageGeneration, AiMPipeline
 from aim_hf.digits import DigitClassifier, digits_tensors, frechet_distance, load_digits_dataset
 from aim_hf.tokenizer import encode_images
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +201,10 @@ def test_digit_scripts_report_errors_in_one_line(tmp_path, script, argv, message
     """As the other scripts do: "error: ..." and status 1, not a traceback."""
     argv = [a.format(tmp=tmp_path) for a in argv]
     run = subprocess.run(
-        [sys.executable, str(SCRIPTS / f"{script}.py"), *argv], capture_output=True, text=True, timeout=300
+        [sys.executable, str(REPO / "scripts" / f"{script}.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 1 and run.stderr.startswith(message) and "Traceback" not in run.stderr
     assert not (tmp_path / "vq").exists()

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
-from test_data import REPO, one_thread  # noqa: F401 (fixture)
 from test_training import train_args, workdir  # noqa: F401 (fixture)
 
 BATCH = 2  # per process; with train_args' 2 micro-batches a step takes 8 of workdir's 24 rows

@@ -10,8 +10,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 from huggingface_hub import ModelCard
-from test_digits import load_script
 
 from aim_hf import AiMPipeline
 from aim_hf.cli import DEFAULT_MODEL

@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import fake_cuda_memory, randomize, tiny_config
+from conftest import fake_cuda_memory, randomize, rel_err, tiny_config
 from reference_aim import (
     random_original_state_dict,
     ref_config,
@@ -25,10 +25,6 @@ from aim_hf.sampling import filter_logits, sample_inverse_cdf
 # float64 on both sides: decoding and the forward differ only in summation order (recurrent step
 # vs chunked scan), a few ulps per layer; 1e-10 is far above that and far below any real bug.
 RTOL = 1e-10
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def teacher_forced_decode(model, codes, labels, guidance_scale, start=0):

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from conftest import randomize
+from conftest import randomize, rel_err
 from test_pipeline import build_pipeline
 
 from aim_hf import AiMConfig, AiMForImageGeneration
@@ -23,10 +23,6 @@ pytestmark = [
 # float32 runs through tf32 matrix units (~3e-4 per product, growing with depth) -> 1e-2;
 # bf16 weights and activations (~4e-3 per rounding, growing with depth) -> 8e-2.
 TOLERANCE = {torch.float32: 1e-2, torch.bfloat16: 8e-2}
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")

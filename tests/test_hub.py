@@ -4,7 +4,6 @@ mismatched files, the model card and the conversion script. Tiny checkpoints are
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import shutil
@@ -13,11 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import load_script
 from diffusers import VQModel
 from huggingface_hub import ModelCard, constants
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_pipeline import build_pipeline, one_thread, original_stage2, original_vq, seeded  # noqa: F401
+from test_pipeline import build_pipeline, original_stage2, original_vq, seeded
 from test_tokenizer import SMALL_CH, SMALL_CONFIG, SMALL_MULT, SMALL_Z, RefVQ
 
 import aim_hf.hub
@@ -29,7 +29,6 @@ from aim_hf.model_card import make_model_card
 from aim_hf.tokenizer import llamagen_vq_config, load_llamagen_vq
 
 LABELS = [0, 3, 4]
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "convert_original_to_hf.py"
 
 
 # ---------------------------------------------------------------- tiny checkpoints and a hub cache
@@ -559,10 +558,7 @@ def test_push_from_save_keeps_the_sharding_and_checks_first(tmp_path, monkeypatc
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("convert_original_to_hf", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("convert_original_to_hf")
 
 
 def test_script_converts_hub_repo(tmp_path, hub_cache, script, capsys):

@@ -27,9 +27,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import REPO, load_script, tiny_config
 from safetensors.torch import load_file
-from test_data import REPO, load_script, make_images, one_thread, prepare_args  # noqa: F401 (fixture)
+from test_data import make_images, prepare_args
 from test_training import sample_script, train_args, train_script, workdir  # noqa: F401 (fixture)
 
 from aim_hf import AiMForImageGeneration

@@ -5,7 +5,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_config
+from conftest import randomize, rel_err, tiny_config
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 
 from aim_hf import AiMConfig, AiMForImageGeneration
@@ -16,10 +16,6 @@ from aim_hf.modeling_aim import AiMCache, AiMOutput
 # float64 everywhere: rounding is ~1e-16 per operation, so 1e-10 leaves room for a few thousand
 # accumulated operations and still catches any real mistake (those are O(1e-2) or larger).
 RTOL = 1e-10
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize(

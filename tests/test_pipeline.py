@@ -40,15 +40,6 @@ def build_pipeline(stage2: dict | None = None, vq: dict | None = None) -> AiMPip
     return AiMPipeline(aim=load_original(stage2), vqvae=load_llamagen_vq(vq, SMALL_CONFIG))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, most of all on a shared CPU where idle threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

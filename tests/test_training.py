@@ -15,9 +15,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import randomize, tiny_config
+from conftest import load_script, randomize, tiny_config
 from safetensors.torch import load_file
-from test_data import IMAGE_SIZE, load_script, make_images, make_vq, one_thread, prepare_args  # noqa: F401
+from test_data import IMAGE_SIZE, make_images, make_vq, prepare_args
 from transformers import Trainer, TrainingArguments
 
 from aim_hf import AiMConfig, AiMForImageGeneration

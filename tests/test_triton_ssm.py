@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_data import REPO
+from conftest import REPO
 
 pytest.importorskip("triton")  # installed with the test extra; the skip only guards odd setups
 
