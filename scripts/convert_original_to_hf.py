@@ -22,10 +22,10 @@ import torch
 from huggingface_hub import create_repo, upload_folder
 
 from aim_hf import AiMForImageGeneration, AiMPipeline, hub
+from aim_hf.cli import DTYPES
 from aim_hf.conversion import read_state_dict
 from aim_hf.files import atomic_path
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Relative logit error allowed after storing the weights in each dtype (the check runs in float32).
 TOLERANCES = {"float32": 1e-6, "bfloat16": 5e-2, "float16": 5e-3}
 

@@ -31,6 +31,7 @@ from accelerate import PartialState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from aim_hf.cli import DTYPES
 from aim_hf.data import (
     AUGMENTATIONS,
     check_image_dataset,
@@ -41,7 +42,6 @@ from aim_hf.data import (
 from aim_hf.files import atomic_path, remove_temporaries
 from aim_hf.tokenizer import downsampling_factor, encode_images
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SETTINGS_FILE = "prepare_codes.json"  # the plan, kept in the finished dataset beside datasets' own files
 
 

@@ -31,13 +31,13 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
+from aim_hf.cli import DTYPES
 from aim_hf.data import load_vq
 from aim_hf.files import atomic_path, remove_temporaries
 from aim_hf.pipeline_aim import AiMPipeline
 from aim_hf.sampling import check_sampling_args
 from aim_hf.training import load_aim
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 

@@ -26,6 +26,8 @@ from .sampling import MAX_LOGIT_SCALE
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "aim-digits"
 # Without --class, models with at most this many classes draw every class.
 MAX_DEFAULT_CLASSES = 16
+# What the scripts' --dtype may name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def positive_int(text: str) -> int:
