@@ -158,7 +158,11 @@ def test_saved_pipeline_from_offline_cache(tmp_path, hub_cache):
     reference = build_pipeline(original_stage2(seed=5))
     reference.save_pretrained(tmp_path / "saved")
     add_to_cache(hub_cache, "someone/aim-tiny", tmp_path / "saved")
-    assert_same_generation(AiMPipeline.from_pretrained("someone/aim-tiny"), reference)
+    loaded = AiMPipeline.from_pretrained("someone/aim-tiny")
+    assert_same_generation(loaded, reference)
+    assert (
+        loaded.name_or_path == "someone/aim-tiny"
+    )  # was the snapshot's path, saved on into model_index.json
 
 
 def test_cached_original_repo_when_the_hub_cannot_be_reached(tmp_path, hub_cache, monkeypatch):
@@ -483,7 +487,11 @@ def test_model_card_license_and_base_model(tmp_path):
             {"base_model": str(tmp_path / "p")},
             "base_model must be a hub repo id such as 'hp-l33/aim-base', got '/",
         ),
-        ({"license": ""}, "license must be a hub license id such as 'mit' or 'apache-2.0', got ''"),
+        (
+            {"license": ""},
+            r"license must be a hub license id \(lowercase\) such as 'mit' or 'apache-2.0', got ''",
+        ),
+        ({"license": "MIT"}, "license must be a hub license id .*got 'MIT'"),  # was written as given
     ]:
         with pytest.raises(ValueError, match=match):
             pipe.save_pretrained(tmp_path / "q", **bad)
@@ -551,6 +559,42 @@ def test_push_from_save_keeps_the_sharding_and_checks_first(tmp_path, monkeypatc
         with pytest.raises(ValueError, match="safe_serialization|variant"):
             build_pipeline().push_to_hub("me/q", **bad)
     assert calls == ["me/p"]
+
+
+def test_variants_alone_and_beside_plain_weights(tmp_path, monkeypatch):
+    """A variant saved or pushed alone: the card's snippet loaded the plain weights, which are not
+    there. A variant pushed to a repo that holds plain weights: it replaced aim/config.json (their
+    dtype, which transformers loads the folder in) and the card; it now uploads neither."""
+    pipe = build_pipeline().to(torch.float16)
+    pipe.save_pretrained(tmp_path / "alone", variant="fp16")
+    snippet = _python_block((tmp_path / "alone" / "README.md").read_text())
+    assert f'AiMPipeline.from_pretrained("{tmp_path / "alone"}", variant="fp16")' in snippet
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {})
+    with pytest.raises(FileNotFoundError, match=r"found model\.fp16\.safetensors: pass its variant="):
+        AiMPipeline.from_pretrained(tmp_path / "alone")
+
+    uploads = []
+    monkeypatch.setattr(
+        aim_hf.pipeline_aim, "create_repo", lambda repo_id, **_: SimpleNamespace(repo_id=repo_id)
+    )
+    monkeypatch.setattr(
+        aim_hf.pipeline_aim,
+        "upload_folder",
+        lambda folder_path, ignore_patterns=None, **_: uploads.append(
+            (ignore_patterns, _python_block((Path(folder_path) / "README.md").read_text()))
+        ),
+    )
+    for plain in (False, True):
+        monkeypatch.setattr(
+            aim_hf.pipeline_aim,
+            "file_exists",
+            lambda repo_id, name, plain=plain, **_: plain and "model." in name,
+        )
+        pipe.push_to_hub("me/aim", variant="fp16")
+    (alone, alone_card), (beside, _) = uploads
+    assert alone is None and 'from_pretrained("me/aim", variant="fp16")' in alone_card
+    assert beside == ["aim/config.json", "README.md"]
 
 
 # ---------------------------------------------------------------- conversion script

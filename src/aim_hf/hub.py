@@ -296,8 +296,10 @@ def _weight_files(folder: Path, name: str, variant: str | None) -> tuple[Path, l
             shards = _read_json(folder / index).get("weight_map", {}).values()
             return folder / index, sorted({folder / shard for shard in shards})
     wanted = f"{forms[0][0]} or {name}" if variant else name
+    others = sorted(p.name for p in folder.glob(name.replace(".safetensors", ".*.safetensors")))
     raise FileNotFoundError(
         f"no weights in {folder}: looked for {wanted} (pipelines are saved as safetensors)"
+        + (f"; found {', '.join(others)}: pass its variant= (e.g. variant='fp16')" if others else "")
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import TYPE_CHECKING
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -78,8 +79,12 @@ def example_labels(pipeline: AiMPipeline) -> list[str | int]:
 
 def check_card_args(license: str | None, base_model: str | None) -> None:
     """Refuse what the hub's card metadata cannot hold, before anything is saved or uploaded."""
-    if license is not None and (not isinstance(license, str) or not license.strip()):
-        raise ValueError(f"license must be a hub license id such as 'mit' or 'apache-2.0', got {license!r}")
+    if license is not None and not (
+        isinstance(license, str) and re.fullmatch(r"[a-z0-9][a-z0-9.\-]*", license)
+    ):
+        raise ValueError(
+            f"license must be a hub license id (lowercase) such as 'mit' or 'apache-2.0', got {license!r}"
+        )
     if base_model is not None:
         try:
             validate_repo_id(base_model)
@@ -95,6 +100,7 @@ def make_model_card(
     constant: str | None = None,
     license: str | None = None,
     base_model: str | None = None,
+    variant: str | None = None,
 ) -> ModelCard:
     """The card of ``pipeline`` published as ``repo_id`` (a hub repo id or a local path); the
     usage snippet loads from ``constant`` instead where given, a module's constant naming the
@@ -102,7 +108,8 @@ def make_model_card(
 
     ``license`` (a hub license id) is the weights' owner's to choose: by default the original's
     MIT for converted released weights, and none for others. ``base_model`` is the hub repo these
-    weights were fine-tuned from (the card then claims none of the original's figures)."""
+    weights were fine-tuned from (the card then claims none of the original's figures). The
+    snippet loads ``variant`` where the repo holds only that variant's weights."""
     check_card_args(license, base_model)
     config = pipeline.aim.config
     # fine-tuned weights are no longer the release the paper evaluated
@@ -147,7 +154,7 @@ def make_model_card(
         f"into {image_size}x{image_size} images. Classifier-free guidance defaults to "
         f"{config.default_guidance_scale}.",
         "## Usage",
-        _snippet(repo_id, example_labels(pipeline), constant),
+        _snippet(repo_id, example_labels(pipeline), constant, variant),
         'Class labels are ids or class names; `output_type` is `"pil"`, `"np"` or `"pt"`; '
         "`generator` may be one `torch.Generator` per image.",
     ]
@@ -167,9 +174,10 @@ def make_model_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
 
 
-def _snippet(repo_id: str, labels: list[str | int], constant: str | None) -> str:
+def _snippet(repo_id: str, labels: list[str | int], constant: str | None, variant: str | None) -> str:
     """Python that loads and runs the pipeline, quoted as ruff/black would (JSON strings are Python)."""
     source, imports = json.dumps(repo_id, ensure_ascii=False), ""
+    options = f", variant={json.dumps(variant)}" if variant is not None else ""
     if constant is not None:
         module, source = constant.rsplit(".", 1)
         imports = f"from {module} import {source}\n"
@@ -177,7 +185,7 @@ def _snippet(repo_id: str, labels: list[str | int], constant: str | None) -> str
         "```python\n"
         "import torch\n"
         f"from aim_hf import AiMPipeline\n{imports}\n"
-        f"pipe = AiMPipeline.from_pretrained({source})\n"
+        f"pipe = AiMPipeline.from_pretrained({source}{options})\n"
         f"images = pipe({json.dumps(labels, ensure_ascii=False)}, generator=torch.Generator().manual_seed(0)).images\n"
         'images[0].save("aim.png")\n'
         "```"

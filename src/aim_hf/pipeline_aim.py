@@ -14,14 +14,14 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, VQModel
-from huggingface_hub import create_repo, upload_folder
+from huggingface_hub import create_repo, file_exists, upload_folder
 
 from . import hub
 from .labels import IMAGENET_CLASSES, ClassNameError, get_label_ids
@@ -90,7 +90,9 @@ class AiMPipeline(DiffusionPipeline):
         rest = {k: v for k, v in kwargs.items() if k not in (*hub.HUB_ARGUMENTS, "model_size")}
         if rest.get("dtype") is None and rest.get("torch_dtype") is None:
             rest["dtype"] = torch.float32
-        return super().from_pretrained(folder, **rest)
+        pipe = super().from_pretrained(folder, **rest)
+        pipe.register_to_config(_name_or_path=location)  # the repo id, not its snapshot's path
+        return pipe
 
     @classmethod
     def _from_original(cls, source: hub.Source, layout: str, kwargs: dict) -> AiMPipeline:
@@ -131,10 +133,13 @@ class AiMPipeline(DiffusionPipeline):
         go into the card (:func:`~aim_hf.model_card.make_model_card`); with ``push_to_hub`` the
         pipeline is also uploaded there (``kwargs`` go to :meth:`push_to_hub`)."""
         _check_save_args(safe_serialization, variant)
-        card = make_model_card(
-            self, repo_id or os.fspath(save_directory), license=license, base_model=base_model
-        )
         target = Path(save_directory)
+        # a variant saved alone is what the card's snippet must ask for; beside plain weights, not
+        alone = variant is not None and not _has_plain_weights(lambda name: (target / name).is_file())
+        card = make_model_card(
+            self, repo_id or os.fspath(save_directory), license=license, base_model=base_model,
+            variant=variant if alone else None,
+        )  # fmt: skip
         target.mkdir(parents=True, exist_ok=True)
         for stale in target.glob(".saving-*"):  # staging left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
@@ -170,10 +175,15 @@ class AiMPipeline(DiffusionPipeline):
         base_model: str | None = None,
     ) -> str:
         """Upload the pipeline and its model card (usage snippet loading ``repo_id``; ``license``
-        and ``base_model`` as in :meth:`save_pretrained`) to the hub."""
+        and ``base_model`` as in :meth:`save_pretrained`) to the hub. A variant pushed to a repo
+        that holds plain weights leaves its aim/config.json (their dtype: transformers loads a
+        folder in it) and its model card as they are, as ``save_pretrained`` does in a folder."""
         _check_save_args(safe_serialization, variant)
         check_card_args(license, base_model)
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        beside_plain = variant is not None and _has_plain_weights(
+            lambda name: file_exists(repo_id, name, token=token)
+        )
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(
                 folder,
@@ -189,6 +199,7 @@ class AiMPipeline(DiffusionPipeline):
                 commit_message=commit_message or "Upload AiMPipeline",
                 token=token,
                 create_pr=create_pr,
+                ignore_patterns=["aim/config.json", "README.md"] if beside_plain else None,
             )
 
     # ---- class labels ----
@@ -339,6 +350,12 @@ def _stale_weights(staging: Path, target: Path, variant: str | None) -> list[Pat
             p for p in (target / component).glob("*") if pattern.fullmatch(p.name) and p.name not in written
         ]
     return stale
+
+
+def _has_plain_weights(exists: Callable[[str], bool]) -> bool:
+    """Whether the AiM component's plain (not variant) weights are there, one file or sharded;
+    ``exists`` answers for a path inside the pipeline (a local folder or a hub repo)."""
+    return any(exists(f"aim/{name}") for name in hub.weight_names(hub.COMPONENT_WEIGHTS["aim"], None))
 
 
 def _keep_plain_dtype(staging: Path, target: Path) -> None:
