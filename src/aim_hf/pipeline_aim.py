@@ -177,7 +177,7 @@ class AiMPipeline(DiffusionPipeline):
         """Upload the pipeline and its model card (usage snippet loading ``repo_id``; ``license``
         and ``base_model`` as in :meth:`save_pretrained`) to the hub. A variant pushed to a repo
         that holds plain weights leaves its aim/config.json (their dtype: transformers loads a
-        folder in it) and its model card as they are, as ``save_pretrained`` does in a folder."""
+        folder in it, which ``save_pretrained`` keeps in a folder too) and its model card as they are."""
         _check_save_args(safe_serialization, variant)
         check_card_args(license, base_model)
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
