@@ -31,7 +31,7 @@ from accelerate import PartialState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from aim_hf.cli import DTYPES
+from aim_hf.cli import DTYPES, positive_int
 from aim_hf.data import (
     AUGMENTATIONS,
     check_image_dataset,
@@ -58,22 +58,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="VQModel or pipeline folder, LlamaGen VQ checkpoint (.pt, any size) or original AiM checkpoint",
     )  # fmt: skip
     p.add_argument("--output", required=True, help="folder the codes dataset is saved to (save_to_disk)")
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=positive_int, default=256)
     p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="none")
     p.add_argument("--crop-range", type=float, default=1.1, help="ten-crop: crop from size*crop_range")
-    p.add_argument("--batch-size", type=int, default=64, help="source images per encoder batch")
-    p.add_argument("--shard-size", type=int, default=4096, help="source images per resumable shard")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="source images per encoder batch")
+    p.add_argument("--shard-size", type=positive_int, default=4096, help="source images per resumable shard")
     p.add_argument("--num-workers", type=int, default=4, help="image-decoding workers per process")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="VQ encoder dtype")
-    p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per process")
+    p.add_argument(
+        "--max-shards", type=positive_int, default=None, help="stop after this many shards per process"
+    )
     args = p.parse_args(argv)
-    for name in ("image_size", "batch_size", "shard_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.num_workers < 0:
         p.error(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.max_shards is not None and args.max_shards < 1:
-        p.error(f"--max-shards must be a positive integer, got {args.max_shards}")
     if not 1.0 <= args.crop_range < math.inf:
         p.error(f"--crop-range must be a finite number >= 1, got {args.crop_range}")
     return args

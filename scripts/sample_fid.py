@@ -31,7 +31,7 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from aim_hf.cli import DTYPES
+from aim_hf.cli import DTYPES, positive_int
 from aim_hf.data import load_vq
 from aim_hf.files import atomic_path, remove_temporaries
 from aim_hf.pipeline_aim import AiMPipeline
@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="VQ tokenizer (VQModel or pipeline folder, LlamaGen .pt) for a bare AiM model",
     )
     p.add_argument("--output", required=True, help="PNG folder; OUTPUT.npz is written beside it")
-    p.add_argument("--num-images", type=int, default=50000)
-    p.add_argument("--batch-size", type=int, default=64, help="images per generate call and process")
+    p.add_argument("--num-images", type=positive_int, default=50000)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per generate call and process")
     p.add_argument("--base-seed", type=int, default=0, help="image i is sampled with seed base_seed + i")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -64,12 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inception-weights", default=None, help="torch-fidelity Inception weights file (no download)"
     )
     p.add_argument("--reference", default=None, help="reference images for FID: ADM .npz or image folder")
-    p.add_argument("--metrics-batch-size", type=int, default=100)
-    p.add_argument("--png-workers", type=int, default=4, help="threads encoding PNGs beside sampling")
+    p.add_argument("--metrics-batch-size", type=positive_int, default=100)
+    p.add_argument(
+        "--png-workers", type=positive_int, default=4, help="threads encoding PNGs beside sampling"
+    )
     args = p.parse_args(argv)
-    for name in ("num_images", "batch_size", "metrics_batch_size", "png_workers"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         p.error(f"--output {args.output} is a file; it names the folder of PNGs (OUTPUT.npz goes beside it)")
     if args.reference is not None and args.inception_weights is None:

@@ -43,6 +43,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from aim_hf.cli import positive_int
 from aim_hf.data import image_views, views_to_tensor
 from aim_hf.digits import load_digits_dataset
 from aim_hf.files import atomic_path
@@ -60,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--digits", action="store_true", help="scikit-learn's digits (aim_hf.digits)")
     source.add_argument("--dataset", help="a datasets.Dataset folder written by save_to_disk")
     parser.add_argument("--image-column", default="image")
-    parser.add_argument("--resolution", type=int, default=32, help="images are center-cropped to this size")
+    parser.add_argument(
+        "--resolution", type=positive_int, default=32, help="images are center-cropped to this size"
+    )
     parser.add_argument(
         "--block-out-channels",
         type=int,
@@ -68,20 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[16, 32, 64],
         help="channels per level; n levels downsample by 2^(n-1)",
     )
-    parser.add_argument("--codebook-size", type=int, default=128)
-    parser.add_argument("--embed-dim", type=int, default=16, help="dimension of a codebook vector")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--codebook-size", type=positive_int, default=128)
+    parser.add_argument("--embed-dim", type=positive_int, default=16, help="dimension of a codebook vector")
+    parser.add_argument("--steps", type=positive_int, default=600)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--restart-every", type=int, default=50, help="0 disables dead-code restarts")
-    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--log-every", type=positive_int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", required=True, help="folder for VQModel.save_pretrained")
     parser.add_argument("--preview", help="PNG of the first 20 images, each over its reconstruction")
     args = parser.parse_args(argv)
-    for name in ("resolution", "codebook_size", "embed_dim", "steps", "batch_size", "log_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.restart_every < 0:
         parser.error(f"--restart-every must be >= 0 (0 disables restarts), got {args.restart_every}")
     if not 0 < args.lr < math.inf:

@@ -409,7 +409,7 @@ def test_prepare_codes_rejects_bad_input_before_work(tmp_path, vq_dir, images_di
     with pytest.raises(FileNotFoundError, match="no VQ tokenizer"):
         prepare.main(prepare_args(images_dir, tmp_path / "nothing", output))
     for flags, message in [
-        (["--shard-size", "0"], "--shard-size must be a positive integer, got 0"),
+        (["--shard-size", "0"], "--shard-size: must be a positive integer, got 0"),
         (
             ["--crop-range", "inf"],
             "--crop-range must be a finite number >= 1, got inf",

@@ -134,11 +134,11 @@ def test_train_vq_reduced_run(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--steps", "-5"], "--steps must be a positive integer, got -5"),  # saved an untrained tokenizer
+        (["--steps", "-5"], "--steps: must be a positive integer, got -5"),  # saved an untrained tokenizer
         (["--restart-every", "-1"], "--restart-every must be >= 0"),  # restarted codes at every step
-        (["--resolution", "0"], "--resolution must be a positive integer, got 0"),
-        (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
-        (["--codebook-size", "0"], "--codebook-size must be a positive integer, got 0"),
+        (["--resolution", "0"], "--resolution: must be a positive integer, got 0"),
+        (["--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
+        (["--codebook-size", "0"], "--codebook-size: must be a positive integer, got 0"),
         (["--lr", "nan"], "--lr must be a finite number > 0"),
         (["--preview", "{tmp}/missing/p.png"], "its folder does not exist"),  # failed after training
         # a folder of other files was replaced by the tokenizer, its files lost

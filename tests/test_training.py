@@ -385,8 +385,8 @@ def test_sample_fid_rejects_bad_arguments_before_sampling(workdir, trained, tmp_
             sample_script.main(sample_args(workdir, "--output", str(tmp_path / "s"), *extra))
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
-    refused("--num-images must be a positive integer, got 0", "--num-images", "0")
-    refused("--png-workers must be a positive integer, got 0", "--png-workers", "0")
+    refused("--num-images: must be a positive integer, got 0", "--num-images", "0")
+    refused("--png-workers: must be a positive integer, got 0", "--png-workers", "0")
     (tmp_path / "s.npz").write_bytes(b"an earlier run's arrays")
     # it was a FileExistsError from mkdir, after loading the model
     refused("is a file; it names the folder of PNGs", "--output", str(tmp_path / "s.npz"))
