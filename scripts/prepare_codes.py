@@ -38,6 +38,7 @@ from aim_hf.data import (
     image_views,
     load_vq,
     views_to_tensor,
+    weights_digest,
 )
 from aim_hf.files import atomic_path, remove_temporaries
 from aim_hf.tokenizer import downsampling_factor, encode_images
@@ -173,8 +174,9 @@ def settings(args: argparse.Namespace) -> dict:
 
 def check_plan(folder: Path, saved: dict, plan: dict) -> None:
     """``folder`` must come from the same settings: shards of others would not fit together, and a
-    finished dataset of others is not what this command asks for."""
-    changed = {k: (saved.get(k), v) for k, v in plan.items() if saved.get(k) != v}
+    finished dataset of others is not what this command asks for (a setting that an earlier
+    version did not record is not compared)."""
+    changed = {k: (saved[k], v) for k, v in plan.items() if k in saved and saved[k] != v}
     if changed:
         details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
         raise ValueError(
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = {
         **settings(args),
+        "tokenizer_weights": weights_digest(vq),  # a tokenizer retrained at the same path is another
         "source": source._fingerprint,
         "num_rows": len(source),
         "shard_size": args.shard_size,

@@ -17,7 +17,6 @@ ADM reference .npz or an image folder), FID are computed and saved to OUTPUT/met
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from aim_hf.cli import DTYPES, positive_int
-from aim_hf.data import load_vq
+from aim_hf.data import load_vq, weights_digest
 from aim_hf.files import atomic_path, remove_temporaries
 from aim_hf.pipeline_aim import AiMPipeline
 from aim_hf.sampling import check_sampling_args
@@ -100,16 +99,6 @@ def load_pipeline(args: argparse.Namespace) -> AiMPipeline:
 
 def png_path(folder: Path, index: int) -> Path:
     return folder / f"{index:06d}.png"
-
-
-def weights_digest(*models: torch.nn.Module) -> str:
-    """SHA-256 of the weights as loaded: a model retrained into the same folder is another model."""
-    digest = hashlib.sha256()
-    for model in models:
-        for name, tensor in model.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def check_settings(folder: Path, settings: dict) -> None:

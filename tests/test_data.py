@@ -4,6 +4,7 @@ to direct encoding, resumption after a stopped run equal to an uninterrupted one
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -419,6 +420,22 @@ def test_prepare_codes_rejects_bad_input_before_work(tmp_path, vq_dir, images_di
             prepare.main(prepare_args(images_dir, vq_dir, output, *flags))
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_codes_resume_refuses_a_tokenizer_retrained_in_place(tmp_path, vq_dir, images_dir):
+    """The tokenizer was known by its path only: retrained into the same folder between two runs,
+    its codes and the old shards' would have been mixed in one dataset."""
+    vq = tmp_path / "vq"
+    shutil.copytree(vq_dir, vq)
+    prepare = load_script("prepare_codes")
+    args = prepare_args(images_dir, vq, tmp_path / "codes")
+    assert prepare.main([*args, "--max-shards", "1"]) == 0
+    retrained = VQModel.from_pretrained(vq)
+    with torch.no_grad():
+        retrained.quantize.embedding.weight.mul_(2)
+    retrained.save_pretrained(vq)
+    with pytest.raises(ValueError, match="other settings .*tokenizer_weights: '[0-9a-f]{64}' then"):
+        prepare.main(args)
 
 
 def test_prepare_codes_resume_refuses_other_columns(tmp_path, vq_dir, images_dir):

@@ -8,6 +8,7 @@ augmented view of an image is its own row, so training needs no randomness beyon
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ __all__ = [
     "num_classes_of",
     "require_column",
     "views_to_tensor",
+    "weights_digest",
 ]
 
 # Views per image: "none" is one center crop, "flip" adds its mirror image, "ten-crop" is
@@ -243,3 +245,14 @@ def load_vq(path: str | os.PathLike) -> VQModel:
             "vqvae/, or a LlamaGen/AiM checkpoint file (.pt, .bin, .safetensors)"
         )
     return load_llamagen_vq(path)
+
+
+def weights_digest(*models: torch.nn.Module) -> str:
+    """SHA-256 of the weights as loaded: what a resumed script compares, since a model retrained
+    into the same folder is another model under the same path."""
+    digest = hashlib.sha256()
+    for model in models:
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
