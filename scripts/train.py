@@ -25,7 +25,13 @@ from aim_hf import PRESETS, AiMConfig, AiMForImageGeneration
 from aim_hf.data import CodesCollator, check_codes_columns, check_codes_dataset, num_classes_of
 from aim_hf.files import remove_temporaries
 from aim_hf.labels import IMAGENET_CLASSES
-from aim_hf.training import AiMTrainer, last_complete_checkpoint, load_aim, resize_class_embedding
+from aim_hf.training import (
+    AiMTrainer,
+    check_resume,
+    last_complete_checkpoint,
+    load_aim,
+    resize_class_embedding,
+)
 
 AIM_DEFAULTS = {
     "learning_rate": 1e-4,
@@ -81,6 +87,11 @@ def parse_args(argv: list[str] | None) -> tuple[ScriptArguments, TrainingArgumen
         raise ValueError(f"--class_dropout_prob must be in [0, 1), got {script.class_dropout_prob}")
     if args.remove_unused_columns:
         raise ValueError("--remove_unused_columns must stay False: it would drop the codes and label columns")
+    if args.push_to_hub:  # Trainer would push bare checkpoints, never the final (or best) model
+        raise ValueError(
+            "--push_to_hub is not supported: a hub repo holds a pipeline (the model and its tokenizer); "
+            "after training, AiMPipeline(aim=..., vqvae=load_vq(TOKENIZER)).push_to_hub(repo) (docs/training.md)"
+        )
     return script, args
 
 
@@ -177,6 +188,8 @@ def main(argv: list[str] | None = None) -> AiMTrainer:
     resume = args.resume_from_checkpoint
     if resume == "latest":
         resume = last_complete_checkpoint(args.output_dir)
+    if resume is not None:
+        check_resume(resume, args)
     trainer.train(resume_from_checkpoint=resume)
 
     trainer.save_final_model(Path(args.output_dir) / "model")

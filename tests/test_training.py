@@ -88,6 +88,35 @@ def test_resume_repeats_the_uninterrupted_run(workdir, trained):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_resume_refuses_what_would_not_continue_the_run(workdir, tmp_path):
+    """Trainer restores the optimizer and the schedule: a resume with another --learning_rate kept
+    the old one silently, one from a --save_only_model checkpoint restarted AdamW's moments (no
+    longer the uninterrupted run), and --push_to_hub pushed bare checkpoints, never the final model."""
+    output = tmp_path / "run"
+    short = ("--max_steps", "2", "--save_steps", "2")
+    train_script.main(train_args(workdir, output, *short))
+    with pytest.raises(
+        ValueError, match=r"other settings \(learning_rate: 0.003 then, 0.001 now\).*--init_from"
+    ):
+        train_script.main(
+            train_args(workdir, output, "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest")
+        )
+    with pytest.raises(ValueError, match=r"per-device batch: 4 then, 2 now"):
+        train_script.main(
+            train_args(
+                workdir, output, "--per_device_train_batch_size", "2", "--resume_from_checkpoint", "latest"
+            )
+        )
+    train_script.main(train_args(workdir, tmp_path / "light", *short, "--save_only_model", "true"))
+    with pytest.raises(ValueError, match="holds no optimizer state .*--save_only_model"):
+        train_script.main(train_args(workdir, tmp_path / "light", "--resume_from_checkpoint", "latest"))
+    with pytest.raises(ValueError, match="--push_to_hub is not supported: a hub repo holds a pipeline"):
+        train_script.main(
+            train_args(workdir, tmp_path / "hub", "--push_to_hub", "true", "--hub_model_id", "me/x")
+        )
+    assert not (tmp_path / "hub").exists()
+
+
 def test_activation_checkpointing_gives_the_same_steps(workdir, trained):
     output = workdir / "checkpointed"
     args = train_args(workdir, output, "--activation_checkpointing", "--save_strategy", "no")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from .conversion import load_original
 from .files import atomic_path
@@ -104,6 +104,30 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     folder = Path(output_dir)
     steps = [s for s in map(_finished_step, folder.glob("checkpoint-*")) if s is not None]
     return str(folder / f"checkpoint-{max(steps)}") if steps else None
+
+
+def check_resume(checkpoint: str | os.PathLike, args: TrainingArguments) -> None:
+    """Refuse a resume that would not continue the run: Trainer restores the optimizer and the
+    learning-rate schedule from the checkpoint, so a changed ``--learning_rate`` or batch size
+    would be ignored or mixed in silently, and a checkpoint without optimizer state (saved with
+    ``--save_only_model``) would restart AdamW's moments."""
+    folder = Path(checkpoint)
+    if not (folder / "optimizer.pt").is_file() or not (folder / "scheduler.pt").is_file():
+        raise ValueError(
+            f"{folder} holds no optimizer state (saved with --save_only_model?): resuming from it would "
+            f"not continue the run; start a new one from its weights with --init_from {folder}"
+        )
+    schedule = torch.load(folder / "scheduler.pt", weights_only=True)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    then = {"learning_rate": schedule["base_lrs"][0], "per-device batch": state.get("train_batch_size")}
+    now = {"learning_rate": args.learning_rate, "per-device batch": args.train_batch_size}
+    changed = {k: (then[k], now[k]) for k in then if then[k] is not None and then[k] != now[k]}
+    if changed:
+        details = "; ".join(f"{k}: {old} then, {new} now" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"{folder} was trained with other settings ({details}): a resume continues the run as it was; "
+            f"resume with the same flags, or start a new run with --init_from {folder}"
+        )
 
 
 def load_aim(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AiMForImageGeneration:
