@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> AiMTrainer:
     if resume == "latest":
         resume = last_complete_checkpoint(args.output_dir)
     if resume is not None:
-        check_resume(resume, args)
+        check_resume(resume, args, model.config)
     trainer.train(resume_from_checkpoint=resume)
 
     trainer.save_final_model(Path(args.output_dir) / "model")

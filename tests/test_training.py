@@ -101,6 +101,10 @@ def test_resume_refuses_what_would_not_continue_the_run(workdir, tmp_path):
         train_script.main(
             train_args(workdir, output, "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest")
         )
+    with pytest.raises(ValueError, match=r"another shape \(num_classes: 3 then, 5 now\)"):
+        train_script.main(
+            train_args(workdir, output, "--num_classes", "5", "--resume_from_checkpoint", "latest")
+        )
     with pytest.raises(ValueError, match=r"per-device batch: 4 then, 2 now"):
         train_script.main(
             train_args(

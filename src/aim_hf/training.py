@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .configuration_aim import AiMConfig
 from .conversion import load_original
 from .files import atomic_path
 from .modeling_aim import AiMForImageGeneration
@@ -106,12 +107,25 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return str(folder / f"checkpoint-{max(steps)}") if steps else None
 
 
-def check_resume(checkpoint: str | os.PathLike, args: TrainingArguments) -> None:
+# What a checkpoint's weights must match in the model a resume builds
+SHAPE_FIELDS = ("vocab_size", "num_classes", "num_tokens", "hidden_size", "num_hidden_layers",
+                "adaln_groups", "state_size", "expand", "head_dim", "n_groups", "conv_kernel")  # fmt: skip
+
+
+def check_resume(checkpoint: str | os.PathLike, args: TrainingArguments, config: AiMConfig) -> None:
     """Refuse a resume that would not continue the run: Trainer restores the optimizer and the
     learning-rate schedule from the checkpoint, so a changed ``--learning_rate`` or batch size
-    would be ignored or mixed in silently, and a checkpoint without optimizer state (saved with
-    ``--save_only_model``) would restart AdamW's moments."""
+    would be ignored or mixed in silently, a checkpoint without optimizer state (saved with
+    ``--save_only_model``) would restart AdamW's moments, and a model of another shape
+    (``--num_classes``) would fail in ``load_state_dict`` with PyTorch's size mismatches."""
     folder = Path(checkpoint)
+    saved = json.loads((folder / "config.json").read_text())
+    shape = {
+        k: (saved.get(k), getattr(config, k)) for k in SHAPE_FIELDS if saved.get(k) != getattr(config, k)
+    }
+    if shape:
+        details = "; ".join(f"{k}: {old} then, {new} now" for k, (old, new) in shape.items())
+        raise ValueError(f"{folder} holds a model of another shape ({details}); resume with the same flags")
     if not (folder / "optimizer.pt").is_file() or not (folder / "scheduler.pt").is_file():
         raise ValueError(
             f"{folder} holds no optimizer state (saved with --save_only_model?): resuming from it would "
