@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> AiMTrainer:
     if resume is not None:
         check_resume(resume, args, model.config)
     trainer.train(resume_from_checkpoint=resume)
+    if evaluation is not None and args.eval_strategy == "no":  # else the set is checked and never used
+        trainer.evaluate()
 
     trainer.save_final_model(Path(args.output_dir) / "model")
     return trainer

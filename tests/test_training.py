@@ -121,6 +121,24 @@ def test_resume_refuses_what_would_not_continue_the_run(workdir, tmp_path):
     assert not (tmp_path / "hub").exists()
 
 
+def test_an_eval_dataset_is_evaluated_without_an_eval_strategy(workdir, tmp_path):
+    """An --eval_dataset without --eval_strategy was loaded and checked, then never evaluated: it
+    is evaluated once, after training."""
+    trainer = train_script.main(
+        train_args(
+            workdir,
+            tmp_path / "run",
+            "--max_steps",
+            "2",
+            "--save_steps",
+            "2",
+            "--eval_dataset",
+            str(workdir / "codes"),
+        )
+    )
+    assert [e["step"] for e in trainer.state.log_history if "eval_loss" in e] == [2]
+
+
 def test_activation_checkpointing_gives_the_same_steps(workdir, trained):
     output = workdir / "checkpointed"
     args = train_args(workdir, output, "--activation_checkpointing", "--save_strategy", "no")
