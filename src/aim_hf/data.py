@@ -55,9 +55,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         )
     if image.mode.startswith("I"):
         pixels = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
-            if pixels.max(initial=0) > 65535:
-                raise ValueError(f"integer image with values up to {pixels.max():.0f}; allowed: 8 or 16 bits")
+        top = pixels.max(initial=0)
+        if top > 65535:
+            raise ValueError(f"integer image with values up to {top:.0f}; allowed: 8 or 16 bits")
+        if image.mode.startswith("I;16") or top > 255:
             pixels = pixels / 257
         image = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
