@@ -40,7 +40,7 @@ from aim_hf.data import (
     views_to_tensor,
     weights_digest,
 )
-from aim_hf.files import atomic_path, remove_temporaries
+from aim_hf.files import atomic_path, changed_settings, remove_temporaries
 from aim_hf.tokenizer import downsampling_factor, encode_images
 
 SETTINGS_FILE = "prepare_codes.json"  # the plan, kept in the finished dataset beside datasets' own files
@@ -176,9 +176,8 @@ def check_plan(folder: Path, saved: dict, plan: dict) -> None:
     """``folder`` must come from the same settings: shards of others would not fit together, and a
     finished dataset of others is not what this command asks for (a setting that an earlier
     version did not record is not compared)."""
-    changed = {k: (saved[k], v) for k, v in plan.items() if k in saved and saved[k] != v}
-    if changed:
-        details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
+    details = changed_settings(saved, plan)
+    if details:
         raise ValueError(
             f"{folder} was made with other settings ({details}); "
             "rerun with the same settings or delete the folder"

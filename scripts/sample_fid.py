@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from aim_hf.cli import DTYPES, positive_int
 from aim_hf.data import load_vq, weights_digest
-from aim_hf.files import atomic_path, remove_temporaries
+from aim_hf.files import atomic_path, changed_settings, remove_temporaries
 from aim_hf.pipeline_aim import AiMPipeline
 from aim_hf.sampling import check_sampling_args
 from aim_hf.training import load_aim
@@ -105,9 +105,8 @@ def check_settings(folder: Path, settings: dict) -> None:
     """Images already in ``folder`` must come from the same model and sampling settings (a setting
     that a folder of an earlier version did not record is not compared)."""
     saved = json.loads((folder / "sampling.json").read_text())
-    changed = {k: (saved[k], v) for k, v in settings.items() if k in saved and saved[k] != v}
-    if changed:
-        details = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in changed.items())
+    details = changed_settings(saved, settings)
+    if details:
         raise ValueError(
             f"{folder} holds images sampled with other settings ({details}); use another --output"
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -59,3 +59,12 @@ def remove_temporaries(folder: str | os.PathLike, name: str | None = None) -> No
     for pattern in (f".{stem}.tmp-*", f".{stem}.old-*"):
         for path in Path(folder).glob(pattern):
             _remove(path)
+
+
+def changed_settings(saved: Mapping[str, object], now: Mapping[str, object]) -> str:
+    """What a resumed run would change, "key: old then, new now; ..." ("" for nothing): the
+    settings of ``now`` that ``saved`` recorded otherwise (one it did not record, as an earlier
+    version's record, is not compared)."""
+    return "; ".join(
+        f"{k}: {saved[k]!r} then, {v!r} now" for k, v in now.items() if k in saved and saved[k] != v
+    )

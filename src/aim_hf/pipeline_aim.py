@@ -134,11 +134,11 @@ class AiMPipeline(DiffusionPipeline):
         pipeline is also uploaded there (``kwargs`` go to :meth:`push_to_hub`)."""
         _check_save_args(safe_serialization, variant)
         target = Path(save_directory)
+        beside_plain = variant is not None and _has_plain_weights(lambda name: (target / name).is_file())
         # a variant saved alone is what the card's snippet must ask for; beside plain weights, not
-        alone = variant is not None and not _has_plain_weights(lambda name: (target / name).is_file())
         card = make_model_card(
             self, repo_id or os.fspath(save_directory), license=license, base_model=base_model,
-            variant=variant if alone else None,
+            variant=None if beside_plain else variant,
         )  # fmt: skip
         target.mkdir(parents=True, exist_ok=True)
         for stale in target.glob(".saving-*"):  # staging left by a save that was killed
@@ -148,7 +148,7 @@ class AiMPipeline(DiffusionPipeline):
             card.save(os.path.join(staging, "README.md"))
             for stale in _stale_weights(Path(staging), target, variant):
                 stale.unlink()
-            if variant is not None:
+            if beside_plain:
                 _keep_plain_dtype(Path(staging), target)
             _move_into(Path(staging), target, last="model_index.json")
         if push_to_hub:
@@ -362,9 +362,8 @@ def _keep_plain_dtype(staging: Path, target: Path) -> None:
     """A variant saved beside plain weights keeps the dtype that aim/config.json gives those:
     transformers loads a folder in its config's dtype, so an fp16 variant's config made a plain
     ``AiMForImageGeneration.from_pretrained(folder / "aim")`` cast the float32 weights to float16."""
-    plain = hub.weight_names(hub.COMPONENT_WEIGHTS["aim"], None)
     old, new = target / "aim" / "config.json", staging / "aim" / "config.json"
-    if not (old.is_file() and new.is_file() and any((target / "aim" / f).is_file() for f in plain)):
+    if not (old.is_file() and new.is_file()):
         return
     kept, written = json.loads(old.read_text()), json.loads(new.read_text())
     if "dtype" in kept:

@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments
 
 from .configuration_aim import AiMConfig
 from .conversion import load_original
-from .files import atomic_path
+from .files import atomic_path, changed_settings
 from .modeling_aim import AiMForImageGeneration
 
 __all__ = [
@@ -120,12 +120,11 @@ def check_resume(checkpoint: str | os.PathLike, args: TrainingArguments, config:
     (``--num_classes``) would fail in ``load_state_dict`` with PyTorch's size mismatches."""
     folder = Path(checkpoint)
     saved = json.loads((folder / "config.json").read_text())
-    shape = {
-        k: (saved.get(k), getattr(config, k)) for k in SHAPE_FIELDS if saved.get(k) != getattr(config, k)
-    }
+    shape = changed_settings(
+        {k: saved.get(k) for k in SHAPE_FIELDS}, {k: getattr(config, k) for k in SHAPE_FIELDS}
+    )
     if shape:
-        details = "; ".join(f"{k}: {old} then, {new} now" for k, (old, new) in shape.items())
-        raise ValueError(f"{folder} holds a model of another shape ({details}); resume with the same flags")
+        raise ValueError(f"{folder} holds a model of another shape ({shape}); resume with the same flags")
     if not (folder / "optimizer.pt").is_file() or not (folder / "scheduler.pt").is_file():
         raise ValueError(
             f"{folder} holds no optimizer state (saved with --save_only_model?): resuming from it would "
@@ -135,9 +134,8 @@ def check_resume(checkpoint: str | os.PathLike, args: TrainingArguments, config:
     state = json.loads((folder / "trainer_state.json").read_text())
     then = {"learning_rate": schedule["base_lrs"][0], "per-device batch": state.get("train_batch_size")}
     now = {"learning_rate": args.learning_rate, "per-device batch": args.train_batch_size}
-    changed = {k: (then[k], now[k]) for k in then if then[k] is not None and then[k] != now[k]}
-    if changed:
-        details = "; ".join(f"{k}: {old} then, {new} now" for k, (old, new) in changed.items())
+    details = changed_settings({k: v for k, v in then.items() if v is not None}, now)
+    if details:
         raise ValueError(
             f"{folder} was trained with other settings ({details}): a resume continues the run as it was; "
             f"resume with the same flags, or start a new run with --init_from {folder}"
